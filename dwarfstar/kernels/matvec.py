@@ -1,0 +1,222 @@
+"""Quantised mat-vecs y = x W^T for decode: dense weights and routed experts picked by id.
+
+Dims: B activation columns (1..MAX_COLS; decode sessions), S expert slots, E experts,
+N output rows, K inputs.
+
+Contract:
+- `matvec(w, x)`: w a planar tensor [N, K] (repack.py), x float32 [B, K] -> y float32 [B, N],
+  y[b, n] = sum_k x[b, k] * W[n, k]. The weight is read once for all B columns.
+- `expert_matvec(w, ids, x)`: w planar [E, N, K], ids int32 [S], x float32 [S, K] ->
+  y float32 [S, N], y[s] = W[ids[s]] @ x[s]. Only the selected experts' rows are read.
+- Both take an optional preallocated `out` (static addresses for CUDA graphs) and never sync.
+- Weights are dequantised in registers to fp32 and multiplied by fp32 x with fp32
+  accumulation: the result differs from the float64 product by fp32 rounding only.
+  (The int8-activation dp4a recipe of kernels.md §4 is a later, faster variant.)
+
+One kernel serves all five formats (FMT constexpr picks the tile decoder) and both calls
+(HAS_IDS constexpr): program (i, s) computes rows i*BLOCK_N.. of slot s; a dense call has one
+slot holding all B columns, an expert call S slots of one column each.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dwarfstar.kernels.repack import (
+    Planar, PlanarF16, PlanarIQ2XXS, PlanarQ2K, PlanarQ4K, PlanarQ8_0,
+    dequantize_planar, iq2xxs_tables, select_experts,
+)
+
+MAX_COLS = 8
+# Tile decoders, by planar type.
+FMT = {PlanarQ8_0: 0, PlanarIQ2XXS: 1, PlanarQ2K: 2, PlanarQ4K: 3, PlanarF16: 4}
+# Default tiling; bench/matvec_bench.py sweeps these on the device.
+BLOCK_K = 256
+NUM_WARPS = 4
+
+
+def matvec_ref(w: Planar, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Twin of `matvec`: dequantise all of w, one fp32 matmul."""
+    y = x.float() @ dequantize_planar(w).T  # [B, N]
+    return y if out is None else out.copy_(y)
+
+
+def expert_matvec_ref(
+    w: Planar, ids: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Twin of `expert_matvec`: dequantise the selected experts only, batched fp32 matvec."""
+    wsel = dequantize_planar(select_experts(w, ids))  # [S, N, K]
+    y = torch.bmm(wsel, x.float()[:, :, None])[:, :, 0]  # [S, N]
+    return y if out is None else out.copy_(y)
+
+
+@triton.jit
+def _tile_q8_0(qs_ptr, d_ptr, rows, offs_k, mask, K):
+    """fp32 [BN, BK] of a Q8_0 tile: qs[row, k] * d[row, k // 32]."""
+    q = tl.load(qs_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=0)
+    d = tl.load(d_ptr + rows[:, None] * (K // 32) + offs_k[None, :] // 32, mask=mask, other=0)
+    return q.to(tl.float32) * d.to(tl.float32)
+
+
+@triton.jit
+def _tile_iq2_xxs(words_ptr, d_ptr, grid_ptr, rows, offs_k, mask, K):
+    """fp32 [BN, BK] of an IQ2_XXS tile (gguf.md §4): db * GRID[a][t] * sign."""
+    i = offs_k % 256
+    group = i // 32
+    octet = (i % 32) // 8
+    t = i % 8
+    wbase = rows[:, None] * (K // 16) + (offs_k // 256)[None, :] * 16 + 2 * group[None, :]
+    gw = tl.load(words_ptr + wbase, mask=mask, other=0)
+    sw = tl.load(words_ptr + wbase + 1, mask=mask, other=0)
+    gi = (gw >> (8 * octet[None, :])) & 255
+    si = (sw >> (7 * octet[None, :])) & 127
+    # The 8th sign is the parity of the 7 stored ones (KSIGNS), folded here instead of a table.
+    par = si ^ (si >> 4)
+    par = par ^ (par >> 2)
+    par = (par ^ (par >> 1)) & 1
+    neg = ((si | (par << 7)) >> t[None, :]) & 1
+    d = tl.load(d_ptr + rows[:, None] * (K // 256) + (offs_k // 256)[None, :], mask=mask, other=0)
+    db = d.to(tl.float32) * (0.5 + ((sw >> 28) & 15).to(tl.float32)) * 0.25
+    g = tl.load(grid_ptr + gi * 8 + t[None, :], mask=mask, other=0)
+    v = db * g
+    return tl.where(neg != 0, -v, v)
+
+
+@triton.jit
+def _tile_q2_k(qs_ptr, sc_ptr, dm_ptr, rows, offs_k, mask, K):
+    """fp32 [BN, BK] of a Q2_K tile: d * (sc & 15) * q - dmin * (sc >> 4)."""
+    i = offs_k % 256
+    kb = (offs_k // 256)[None, :]
+    qoff = 32 * (i // 128) + i % 32
+    qb = tl.load(qs_ptr + rows[:, None] * (K // 4) + kb * 64 + qoff[None, :], mask=mask, other=0)
+    q = (qb >> (2 * ((i % 128) // 32))[None, :]) & 3
+    sc = tl.load(sc_ptr + rows[:, None] * (K // 16) + kb * 16 + (i // 16)[None, :], mask=mask, other=0)
+    dmb = dm_ptr + rows[:, None] * (K // 128) + kb * 2
+    d = tl.load(dmb, mask=mask, other=0).to(tl.float32)
+    dmin = tl.load(dmb + 1, mask=mask, other=0).to(tl.float32)
+    return d * (sc & 15).to(tl.float32) * q.to(tl.float32) - dmin * (sc >> 4).to(tl.float32)
+
+
+@triton.jit
+def _tile_q4_k(qs_ptr, sc_ptr, mn_ptr, dm_ptr, rows, offs_k, mask, K):
+    """fp32 [BN, BK] of a Q4_K tile: d * sc[j] * q - dmin * mn[j], j = sub-block of 32."""
+    i = offs_k % 256
+    kb = (offs_k // 256)[None, :]
+    qoff = 32 * (i // 64) + i % 32
+    qb = tl.load(qs_ptr + rows[:, None] * (K // 2) + kb * 128 + qoff[None, :], mask=mask, other=0)
+    q = (qb >> (4 * ((i % 64) // 32))[None, :]) & 15
+    soff = rows[:, None] * (K // 32) + kb * 8 + (i // 32)[None, :]
+    sc = tl.load(sc_ptr + soff, mask=mask, other=0).to(tl.float32)
+    mn = tl.load(mn_ptr + soff, mask=mask, other=0).to(tl.float32)
+    dmb = dm_ptr + rows[:, None] * (K // 128) + kb * 2
+    d = tl.load(dmb, mask=mask, other=0).to(tl.float32)
+    dmin = tl.load(dmb + 1, mask=mask, other=0).to(tl.float32)
+    return d * sc * q.to(tl.float32) - dmin * mn
+
+
+@triton.jit
+def _matvec_kernel(
+    p0, p1, p2, p3, ids_ptr, x_ptr, y_ptr, N, K,
+    FMT: tl.constexpr, HAS_IDS: tl.constexpr, B: tl.constexpr, BP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    if HAS_IDS:
+        e = tl.load(ids_ptr + pid_s).to(tl.int64)
+    else:
+        e = 0
+    # Global row in the stacked [E, N] weight; int64 because E*N*K exceeds 2**31.
+    rows = e * N + offs_n.to(tl.int64)
+    offs_b = tl.arange(0, BP)
+    mask_b = offs_b < B
+    x_base = x_ptr + pid_s * B * K
+    acc = tl.zeros([BLOCK_N, BP], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        mask = mask_n[:, None] & mask_k[None, :]
+        if FMT == 0:
+            w = _tile_q8_0(p0, p1, rows, offs_k, mask, K)
+        elif FMT == 1:
+            w = _tile_iq2_xxs(p0, p1, p2, rows, offs_k, mask, K)
+        elif FMT == 2:
+            w = _tile_q2_k(p0, p1, p2, rows, offs_k, mask, K)
+        elif FMT == 3:
+            w = _tile_q4_k(p0, p1, p2, p3, rows, offs_k, mask, K)
+        else:
+            w = tl.load(p0 + rows[:, None] * K + offs_k[None, :], mask=mask, other=0).to(tl.float32)
+        xt = tl.load(x_base + offs_b[:, None] * K + offs_k[None, :],
+                     mask=mask_b[:, None] & mask_k[None, :], other=0)  # [BP, BLOCK_K]
+        acc += tl.sum(w[:, None, :] * xt[None, :, :], axis=2)
+    y_ptrs = y_ptr + pid_s * B * N + offs_b[None, :] * N + offs_n[:, None]
+    tl.store(y_ptrs, acc, mask=mask_n[:, None] & mask_b[None, :])
+
+
+def _weight_args(w: Planar) -> tuple[torch.Tensor, ...]:
+    """The four pointer arguments of `_matvec_kernel` for this format (unused ones repeat p0)."""
+    for t in w.__dataclass_fields__:
+        assert getattr(w, t).is_contiguous(), f"{type(w).__name__}.{t} must be contiguous"
+    if isinstance(w, PlanarQ8_0):
+        assert w.qs.dtype == torch.int8 and w.d.dtype == torch.float16
+        return w.qs, w.d, w.qs, w.qs
+    if isinstance(w, PlanarIQ2XXS):
+        assert w.words.dtype == torch.int32 and w.d.dtype == torch.float16
+        grid, _ = iq2xxs_tables(str(w.words.device))
+        return w.words, w.d, grid, w.words
+    if isinstance(w, PlanarQ2K):
+        assert w.qs.dtype == torch.uint8 and w.dm.dtype == torch.float16
+        return w.qs, w.sc, w.dm, w.qs
+    if isinstance(w, PlanarQ4K):
+        assert w.qs.dtype == torch.uint8 and w.dm.dtype == torch.float16
+        return w.qs, w.sc, w.mn, w.dm
+    assert isinstance(w, PlanarF16) and w.w.dtype == torch.float16
+    return w.w, w.w, w.w, w.w
+
+
+def _default_block_n(n_rows: int, n_slots: int, cols: int) -> int:
+    """Rows per program: enough programs to fill the GPU, fewer registers as B grows."""
+    block_n = 16 if n_rows * n_slots >= 16384 else 8 if n_rows * n_slots >= 4096 else 4
+    return max(1, block_n // max(1, cols // 2))
+
+
+def _launch(w, ids, x, out, n_slots, cols, block_n, block_k, num_warps):
+    *_, n, k = w.shape
+    assert x.dtype == torch.float32 and x.is_contiguous() and x.shape[-1] == k, "x: float32 [.., K] contiguous"
+    assert 1 <= cols <= MAX_COLS, f"at most {MAX_COLS} columns per slot, got {cols}"
+    if out is None:
+        out = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
+    assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (x.shape[0], n)
+    p0, p1, p2, p3 = _weight_args(w)
+    assert p0.device == x.device == out.device, "weights, x and out on one device"
+    block_n = block_n or _default_block_n(n, n_slots, cols)
+    grid = (triton.cdiv(n, block_n), n_slots)
+    _matvec_kernel[grid](
+        p0, p1, p2, p3, ids if ids is not None else p0, x, out, n, k,
+        FMT=FMT[type(w)], HAS_IDS=ids is not None, B=cols, BP=triton.next_power_of_2(cols),
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+    )
+    return out
+
+
+def matvec(
+    w: Planar, x: torch.Tensor, out: torch.Tensor | None = None,
+    block_n: int | None = None, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
+) -> torch.Tensor:
+    """y [B, N] = x [B, K] @ W^T for a planar [N, K] weight; B <= MAX_COLS."""
+    assert len(w.shape) == 2 and x.dim() == 2, "dense weight [N, K], x [B, K]"
+    return _launch(w, None, x, out, 1, x.shape[0], block_n, block_k, num_warps)
+
+
+def expert_matvec(
+    w: Planar, ids: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None,
+    block_n: int | None = None, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
+) -> torch.Tensor:
+    """y [S, N] with y[s] = W[ids[s]] @ x[s] for a planar [E, N, K] weight."""
+    assert len(w.shape) == 3 and x.dim() == 2, "expert weight [E, N, K], x [S, K]"
+    assert ids.dtype == torch.int32 and ids.is_contiguous() and ids.shape == (x.shape[0],), "ids: int32 [S]"
+    return _launch(w, ids, x, out, x.shape[0], 1, block_n, block_k, num_warps)
