@@ -1,0 +1,82 @@
+"""Helpers for the GGUF tests (imported by name; conftest.py only holds fixtures): random valid quant blocks, byte patching, a tiny model file.
+
+The tiny model is built here from the tensor table (`names.expected_tensors`), the
+config (`ModelConfig.to_metadata`) and the tiny vocabulary, written with our writer,
+so validation tests do not depend on the test-model generator. Tensor bytes are zero
+(valid for every type, and `tid2eid` zeros are in range).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+from dwarfstar import shape
+from dwarfstar.gguf import names
+from dwarfstar.gguf.writer import write_gguf
+from dwarfstar.text.vocab import tiny_vocab_metadata
+
+# Byte offsets of the f16 scale fields that must hold finite values (gguf.md §8.2).
+F16_SCALE_FIELDS = {T.Q8_0: (0,), T.Q2_K: (80, 82), T.Q4_K: (0, 2), T.IQ2_XXS: (0,)}
+
+# The example configuration of gguf.md §8.1 (4 layers: window, window, ratio 4, ratio 128).
+TINY = dataclasses.replace(
+    shape.FLASH,
+    n_layers=4, dim=256, vocab_size=512, n_heads=4, head_dim=128, value_dim=128, rope_head_dim=64,
+    q_lora_rank=128, o_lora_rank=64, o_groups=2, n_routed_experts=8, n_activated_experts=2,
+    moe_inter_dim=256, n_hash_layers=1, window_size=32, index_n_heads=4, index_head_dim=128,
+    index_topk=16, compress_ratios=(0, 0, 4, 128), swiglu_limits=(10.0,) * 4,
+)
+SYNTHETIC_NAME = shape.SYNTHETIC_NAME_PREFIX + " tiny (tests/gguf)"
+
+
+def random_blocks(ggml_type: int, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [n_blocks, block_bytes]: uniform random bytes, f16 scales patched to finite values."""
+    _, block_bytes = GGML_QUANT_SIZES[T(ggml_type)]
+    blocks = rng.integers(0, 256, size=(n_blocks, block_bytes), dtype=np.uint8)
+    for at in F16_SCALE_FIELDS.get(T(ggml_type), ()):
+        scales = rng.uniform(-2.0, 2.0, size=(n_blocks, 1)).astype(np.float16)
+        blocks[:, at:at + 2] = scales.view(np.uint8)
+    return blocks
+
+
+def patch(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def tensor_info_offset(path: Path, name: str) -> int:
+    """Byte offset just after the name string of tensor-info record `name` (its n_dims field)."""
+    blob = path.read_bytes()
+    key = struct.pack("<Q", len(name)) + name.encode()
+    at = blob.index(key)
+    return at + len(key)
+
+
+def tiny_model(path: Path, config: shape.ModelConfig = TINY, name: str = SYNTHETIC_NAME,
+               drop_keys=(), set_keys=None, drop_tensors=(), set_tensors=None, experts: str = "q2") -> Path:
+    """Write a tiny main-model GGUF; the keyword arguments inject single deviations."""
+    metadata = {"general.architecture": shape.ARCH, "general.name": name}
+    metadata.update(config.to_metadata())
+    metadata.update(tiny_vocab_metadata(config.vocab_size))
+    metadata.update(set_keys or {})
+    for key in drop_keys:
+        del metadata[key]
+    tensors = []
+    for gguf_name, (spec, ne) in names.expected_tensors(config).items():
+        if gguf_name in drop_tensors:
+            continue
+        qtype = names.EXPERT_TYPES[experts][spec.field] if spec.is_routed else spec.types[0]
+        ne, qtype = (set_tensors or {}).get(gguf_name, (ne, qtype))
+        tensors.append((gguf_name, tuple(ne), qtype, _zeros(qtype, ne)))
+    return write_gguf(path, metadata, tensors)
+
+
+def _zeros(qtype: int, ne) -> bytes:
+    block, block_bytes = GGML_QUANT_SIZES[T(qtype)]
+    return bytes(int(np.prod(ne)) // block * block_bytes)
