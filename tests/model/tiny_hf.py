@@ -121,3 +121,25 @@ def gguf_tensors(model, config: ModelConfig) -> dict[str, torch.Tensor]:
 def hf_logits(model, tokens: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=torch.tensor([tokens]), use_cache=False).logits[0]
+
+
+def random_tensors(config: ModelConfig, seed: int = 0, mtp: bool = False) -> dict[str, torch.Tensor]:
+    """{gguf_name: float64 tensor} for every tensor names.py expects, without transformers."""
+    table = names.expected_mtp_tensors(config) if mtp else names.expected_tensors(config)
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, (spec, ne) in table.items():
+        shape_ = tuple(reversed(ne))
+        field = spec.field
+        if field == "tid2eid":
+            out[name] = torch.stack([torch.randperm(config.n_routed_experts, generator=g)[: shape_[1]]
+                                     for _ in range(shape_[0])])
+            continue
+        leaf = {"hc_attn_scale": "scale", "hc_ffn_scale": "scale", "hc_head_scale": "scale",
+                "hc_attn_base": "base", "hc_ffn_base": "base", "hc_head_base": "base", "attn_sink": "sinks",
+                "compressor_ape": "position_bias", "indexer_compressor_ape": "position_bias",
+                "gate_bias": "base", "embed": "embed_tokens"}.get(field, field)
+        proto = torch.empty(shape_, dtype=torch.float64)
+        out[name] = _randomise(("embed_tokens." if leaf == "embed_tokens" else "x.") + leaf, proto, g,
+                               config.n_routed_experts)
+    return out
