@@ -17,7 +17,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from dwarfstar import shape
 from dwarfstar.gguf import names
-from dwarfstar.gguf.writer import write_gguf
+from dwarfstar.gguf.writer import encode_metadata, pad_to, tensor_bytes, write_gguf
 from dwarfstar.text.vocab import tiny_vocab_metadata
 
 # Byte offsets of the f16 scale fields that must hold finite values (gguf.md §8.2).
@@ -58,23 +58,52 @@ def tensor_info_offset(path: Path, name: str) -> int:
     return at + len(key)
 
 
-def tiny_model(path: Path, config: shape.ModelConfig = TINY, name: str = SYNTHETIC_NAME,
-               drop_keys=(), set_keys=None, drop_tensors=(), set_tensors=None, experts: str = "q2") -> Path:
-    """Write a tiny main-model GGUF; the keyword arguments inject single deviations."""
+def model_metadata(config: shape.ModelConfig, name: str, vocab: dict | None = None) -> dict:
     metadata = {"general.architecture": shape.ARCH, "general.name": name}
     metadata.update(config.to_metadata())
-    metadata.update(tiny_vocab_metadata(config.vocab_size))
+    metadata.update(vocab if vocab is not None else tiny_vocab_metadata(config.vocab_size))
+    return metadata
+
+
+def table(expected: dict, experts: str = "q2") -> list[tuple[str, tuple[int, ...], int]]:
+    """(name, ne, type) per tensor of a names.expected_* table, with the ds4 types."""
+    return [(name, ne, names.EXPERT_TYPES[experts][spec.field] if spec.is_routed else spec.types[0])
+            for name, (spec, ne) in expected.items()]
+
+
+def tiny_model(path: Path, config: shape.ModelConfig = TINY, name: str = SYNTHETIC_NAME,
+               drop_keys=(), set_keys=None, drop_tensors=(), set_tensors=None, data=None,
+               extra_tensors=(), experts: str = "q2") -> Path:
+    """Write a tiny main-model GGUF; the keyword arguments inject single deviations.
+
+    set_tensors: name -> (ne, type); data: name -> bytes; extra_tensors: (name, ne, type).
+    """
+    metadata = model_metadata(config, name)
     metadata.update(set_keys or {})
     for key in drop_keys:
         del metadata[key]
     tensors = []
-    for gguf_name, (spec, ne) in names.expected_tensors(config).items():
+    for gguf_name, ne, qtype in table(names.expected_tensors(config), experts) + list(extra_tensors):
         if gguf_name in drop_tensors:
             continue
-        qtype = names.EXPERT_TYPES[experts][spec.field] if spec.is_routed else spec.types[0]
         ne, qtype = (set_tensors or {}).get(gguf_name, (ne, qtype))
-        tensors.append((gguf_name, tuple(ne), qtype, _zeros(qtype, ne)))
+        tensors.append((gguf_name, tuple(ne), qtype, (data or {}).get(gguf_name) or _zeros(qtype, ne)))
     return write_gguf(path, metadata, tensors)
+
+
+def sparse_model(path: Path, metadata: dict, tensors: list[tuple[str, tuple[int, ...], int]]) -> Path:
+    """A GGUF whose tensor data is one hole (all zeros, no disk blocks): full-size files in tests."""
+    infos, offset = [], 0
+    for name, ne, qtype in tensors:
+        infos.append(struct.pack("<Q", len(name.encode())) + name.encode() + struct.pack("<I", len(ne))
+                     + struct.pack(f"<{len(ne)}Q", *ne) + struct.pack("<IQ", qtype, offset))
+        offset += pad_to(tensor_bytes(qtype, ne))
+    header = (b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata))
+              + encode_metadata(metadata) + b"".join(infos))
+    with open(path, "wb") as f:
+        f.write(header + bytes(pad_to(len(header)) - len(header)))
+        f.truncate(pad_to(len(header)) + offset)
+    return path
 
 
 def _zeros(qtype: int, ne) -> bytes:
