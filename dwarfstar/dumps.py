@@ -64,7 +64,9 @@ def json_token(token_id: int, data: bytes) -> bytes:
 def top_logprobs(logits: torch.Tensor, k: int) -> list[tuple[int, float, float]]:
     """The k best (id, logit, logprob) by descending logprob; ties keep the lower id first."""
     logits = logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)
+    # float64 normalisation, then float32 values like ds4's token scores: the printed
+    # logprob is the correctly rounded float32 of the exact value.
+    logprobs = torch.log_softmax(logits.double(), dim=-1).float()
     k = min(k, logits.numel())
     # A stable descending sort gives a deterministic tie order (spec: tie order UNCERTAIN).
     order = torch.sort(logprobs, descending=True, stable=True).indices[:k]
