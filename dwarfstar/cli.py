@@ -169,7 +169,7 @@ def sampling_params(opts: CliOptions):
     from dwarfstar.engine.sampling import SamplingParams
 
     return SamplingParams(
-        temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p, min_p=opts.min_p, seed=opts.seed
+        temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p, min_p=opts.min_p, seed=opts.seed or 0
     )
 
 

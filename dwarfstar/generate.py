@@ -8,7 +8,7 @@ Contract:
 - `stop` is checked before each step; a SIGINT handler installed with `sigint_stops`
   sets it, so Ctrl+C ends generation between two decode steps and never inside one.
 - `Picker` turns logits into a token: argmax when the temperature is 0 (cli.md §2.4),
-  else `engine.sampling.sample` with a generator seeded once per picker.
+  else `engine.sampling.sample` with one random stream per picker.
 - `token_budget(n, ctx, n_prompt)` is ds4's per-answer limit: `min(n, ctx - pos - 1)`,
   and 0 when at most one slot is left.
 """
@@ -55,26 +55,22 @@ def token_budget(n_tokens: int, ctx: int, n_prompt: int) -> int:
 
 
 class Picker:
-    """logits [V] -> token id, greedy at temperature 0, seeded sampling otherwise."""
+    """logits [V] -> token id: argmax at temperature 0 (lowest id among equal maxima),
+    else `engine.sampling.sample` drawing from one ds4 xorshift stream seeded with
+    `params.seed` (0 = a fresh OS seed), so a fixed seed replays the same answer."""
 
     def __init__(self, params) -> None:
+        from dwarfstar.engine.sampling import Rng
+
         self.params = params
-        self.generator = None
-        if params.temperature > 0:
-            self.generator = torch.Generator()
-            seed = getattr(params, "seed", None)
-            if seed is not None:
-                # torch seeds are 64-bit; the CLI accepts any u64 > 0.
-                self.generator.manual_seed(int(seed) & (2**64 - 1))
-            else:
-                self.generator.seed()
+        self.rng = Rng(params.seed) if params.temperature > 0 else None
 
     def __call__(self, logits: torch.Tensor) -> int:
-        if self.generator is None:
+        if self.rng is None:
             return int(torch.argmax(logits))
         from dwarfstar.engine.sampling import sample
 
-        return int(sample(logits, self.params, self.generator).token)
+        return int(sample(logits, self.params, self.rng).token)
 
 
 def generate(
