@@ -52,8 +52,8 @@ CASES = [
     ("exp_down q4k", T.Q4_K, 4096, 2048, 1, True),
 ]
 
-SWEEP_B1 = [(bn, bk, nw) for bn in (4, 8, 16) for bk in (256, 512) for nw in (4, 8)]
-SWEEP_BN = [(bn, bk, nw) for bn in (2, 4, 8) for bk in (128, 256) for nw in (4, 8)]
+SWEEP_B1 = [(bn, bk, nw) for bn in (2, 4, 8) for bk in (512, 1024, 2048) for nw in (4, 8)]
+SWEEP_BN = [(bn, bk, nw) for bn in (2, 4, 8) for bk in (256, 512, 1024) for nw in (4, 8)]
 
 
 def build(case, gen):

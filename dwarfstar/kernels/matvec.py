@@ -53,11 +53,18 @@ def expert_matvec_ref(
 
 
 @triton.jit
-def _tile_q8_0(qs_ptr, d_ptr, rows, offs_k, mask, K):
-    """fp32 [BN, BK] of a Q8_0 tile: qs[row, k] * d[row, k // 32]."""
+def _tile_q8_0(qs_ptr, d_ptr, rows, offs_k, mask, mask_n, K, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 [BN, BK] of a Q8_0 tile: qs[row, k] * d[row, k // 32].
+
+    d is loaded once per 32-block ([BN, BK/32]) and broadcast through a reshape, rather than
+    gathered per element.
+    """
     q = tl.load(qs_ptr + rows[:, None] * K + offs_k[None, :], mask=mask, other=0)
-    d = tl.load(d_ptr + rows[:, None] * (K // 32) + offs_k[None, :] // 32, mask=mask, other=0)
-    return q.to(tl.float32) * d.to(tl.float32)
+    offs_kb = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    mask_d = mask_n[:, None] & (offs_kb < K // 32)[None, :]
+    d = tl.load(d_ptr + rows[:, None] * (K // 32) + offs_kb[None, :], mask=mask_d, other=0)
+    w = tl.reshape(q.to(tl.float32), [BLOCK_N, BLOCK_K // 32, 32]) * d.to(tl.float32)[:, :, None]
+    return tl.reshape(w, [BLOCK_N, BLOCK_K])
 
 
 @triton.jit
@@ -141,7 +148,7 @@ def _matvec_kernel(
         mask_k = offs_k < K
         mask = mask_n[:, None] & mask_k[None, :]
         if FMT == 0:
-            w = _tile_q8_0(p0, p1, rows, offs_k, mask, K)
+            w = _tile_q8_0(p0, p1, rows, offs_k, mask, mask_n, K, k0, BLOCK_N, BLOCK_K)
         elif FMT == 1:
             w = _tile_iq2_xxs(p0, p1, p2, rows, offs_k, mask, K)
         elif FMT == 2:
@@ -150,9 +157,12 @@ def _matvec_kernel(
             w = _tile_q4_k(p0, p1, p2, p3, rows, offs_k, mask, K)
         else:
             w = tl.load(p0 + rows[:, None] * K + offs_k[None, :], mask=mask, other=0).to(tl.float32)
-        xt = tl.load(x_base + offs_b[:, None] * K + offs_k[None, :],
-                     mask=mask_b[:, None] & mask_k[None, :], other=0)  # [BP, BLOCK_K]
-        acc += tl.sum(w[:, None, :] * xt[None, :, :], axis=2)
+        # One column at a time reuses the decoded tile from registers; a [BN, BP, BK]
+        # broadcast product instead multiplied register use by BP (measured 6 % at B = 8).
+        for b in tl.static_range(B):
+            xb = tl.load(x_base + b * K + offs_k, mask=mask_k, other=0)
+            part = tl.sum(w * xb[None, :], axis=1)
+            acc += tl.where(offs_b[None, :] == b, part[:, None], 0.0)
     y_ptrs = y_ptr + pid_s * B * N + offs_b[None, :] * N + offs_n[:, None]
     tl.store(y_ptrs, acc, mask=mask_n[:, None] & mask_b[None, :])
 
