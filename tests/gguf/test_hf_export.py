@@ -55,7 +55,8 @@ def test_transformers_loads_and_runs(exported):
     model = transformers.DeepseekV4ForCausalLM(hf_config)
     model.load_state_dict(sd, strict=True)
     model.eval()
-    ids = torch.randint(0, config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    # 24 tokens: CSA (ratio 4) and the ratio-8 HCA already emit compressed rows.
+    ids = torch.randint(0, config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0]                       # [T, V]
     assert torch.isfinite(logits).all()
@@ -63,7 +64,9 @@ def test_transformers_loads_and_runs(exported):
     spread = logits.std(dim=-1)
     assert (spread > 0.1).all() and (spread < 10).all(), spread
     assert logits.std(dim=0).mean() > 0.1
-    # float64 export (eager experts) agrees with float32; 1e-4 abs covers fp32 rounding over
+    if config.compress_ratios[-1] == 128:
+        return
+    # One config suffices for the float64 export (eager experts): it agrees with float32; 1e-4 abs covers fp32 rounding over
     # 4 layers with HF's fp32 RoPE/HC (model.md §8 item 5).
     cfg64, sd64 = hf_export.export(path, torch.float64)
     model64 = transformers.DeepseekV4ForCausalLM(cfg64).to(torch.float64)
