@@ -35,14 +35,9 @@ class StartupError(Exception):
 
 
 def _backend(options: ServerOptions) -> str:
-    """Flag name -> EngineOptions backend; default: CUDA when present, else the reference path."""
-    if options.backend == "cpu":
-        return "reference"
-    if options.backend == "cuda":
-        return "cuda"
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "reference"
+    """Flag name -> EngineOptions backend. The reference path is the default until the
+    CUDA engine lands; `--cuda` asks for it explicitly (the engine refuses if absent)."""
+    return "cuda" if options.backend == "cuda" else "reference"
 
 
 def load_engine(options: ServerOptions):

@@ -109,11 +109,13 @@ class Worker:
     def _plan(self, job: Job) -> tuple[list[int] | None, str]:
         """The effective prompt and its cache source (§9.2)."""
         live = list(self.session.tokens)
-        binding = self.bindings.get(job.api) or self.bindings.get("thinking")
-        if binding is not None and binding.frontier == len(live) and binding.visible:
+        for key in (job.api, "thinking"):
+            binding = self.bindings.get(key)
+            if binding is None or binding.frontier != len(live) or not binding.visible:
+                continue
             if len(binding.visible) < len(job.prompt_text) and job.prompt_text.startswith(binding.visible):
                 suffix = job.prompt_text[len(binding.visible):]
-                return live + self.tokenizer.encode(suffix), f"{job.api}-visible"
+                return live + self.tokenizer.encode(suffix), f"{key}-visible"
         if job.live_tool_ids:
             binding = self.bindings.get(job.api)
             if binding is None or binding.ids != job.live_tool_ids or binding.frontier != len(live):
