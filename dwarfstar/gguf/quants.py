@@ -10,7 +10,8 @@ Contract:
   which must stay exact.
 - `quantize_q8_0(x)` is bit-identical to `gguf.quants.quantize(x, Q8_0)` (and so to ggml
   and ds4): scale `amax/127`, round half away from zero, scale stored as f16.
-- `tensor_bytes` / `row_bytes` use gguf's `GGML_QUANT_SIZES`; rows must be whole blocks.
+- `tensor_bytes` / `row_bytes` use gguf's `GGML_QUANT_SIZES`; rows must be whole blocks
+  (else `GGUFError`, a `ValueError`).
 
 Each block format below is one unit: its byte layout (gguf.md §4) atop a function
 `_dequant_<type>(blocks: uint8 [N, block_bytes]) -> float32 [N, block_elems]`.
@@ -26,23 +27,10 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf.quants import IQ2_XXS as _GGUF_IQ2_XXS
 
+# Sizes live with the reader (no torch there); re-exported as part of this module's interface.
+from dwarfstar.gguf.reader import row_bytes, tensor_bytes  # noqa: F401
+
 QK_K = 256
-
-
-def row_bytes(ggml_type: int, ne0: int) -> int:
-    """Bytes of one row of `ne0` elements; `ne0` must be a multiple of the block size."""
-    block, block_bytes = GGML_QUANT_SIZES[T(ggml_type)]
-    if ne0 % block:
-        raise ValueError(f"ne[0]={ne0} is not a multiple of the {T(ggml_type).name} block size {block}")
-    return ne0 // block * block_bytes
-
-
-def tensor_bytes(ggml_type: int, ne: tuple[int, ...] | list[int]) -> int:
-    """Bytes of a tensor with GGUF dims `ne` (innermost first), unpadded."""
-    n_rows = 1
-    for d in ne[1:]:
-        n_rows *= d
-    return row_bytes(ggml_type, ne[0]) * n_rows
 
 
 def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:

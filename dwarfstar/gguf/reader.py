@@ -24,13 +24,13 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from dwarfstar.gguf.quants import tensor_bytes
+if TYPE_CHECKING:
+    import torch
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
@@ -78,12 +78,21 @@ class TensorInfo:
         return n
 
 
-def tensor_nbytes(ggml_type: int, ne: tuple[int, ...], name: str = "tensor") -> int:
-    """Bytes of a tensor of `ne` elements in `ggml_type`; rows must be whole blocks."""
-    try:
-        return tensor_bytes(ggml_type, ne)
-    except ValueError as e:
-        raise GGUFError(f"{name}: {e}") from None
+def row_bytes(ggml_type: int, ne0: int) -> int:
+    """Bytes of one row of `ne0` elements; `ne0` must be a multiple of the block size."""
+    qtype = GGMLQuantizationType(ggml_type)
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    if ne0 % block:
+        raise GGUFError(f"ne[0]={ne0} is not a multiple of the {qtype.name} block size {block}")
+    return ne0 // block * block_bytes
+
+
+def tensor_bytes(ggml_type: int, ne: tuple[int, ...] | list[int]) -> int:
+    """Bytes of a tensor with GGUF dims `ne` (innermost first), unpadded."""
+    n_rows = 1
+    for d in ne[1:]:
+        n_rows *= d
+    return row_bytes(ggml_type, ne[0]) * n_rows
 
 
 class _Cursor:
@@ -267,7 +276,10 @@ class GGUFFile:
             if offset % self.alignment:
                 raise GGUFError(f"tensor {name!r}: bad alignment: offset {offset} is not a multiple "
                                 f"of {self.alignment}")
-            n_bytes = tensor_nbytes(qtype, ne, f"tensor {name!r}")
+            try:
+                n_bytes = tensor_bytes(qtype, ne)
+            except GGUFError as e:
+                raise GGUFError(f"tensor {name!r}: {e}") from None
             start = self.data_start + offset
             if start + n_bytes > self.size:
                 raise GGUFError(f"tensor {name!r}: data [{start}, {start + n_bytes}) lies past end of "
@@ -289,8 +301,10 @@ class GGUFFile:
         info = self._info(name)
         return np.frombuffer(self._mm, dtype=np.uint8, count=info.n_bytes, offset=info.offset)
 
-    def raw_torch(self, name: str) -> torch.Tensor:
+    def raw_torch(self, name: str) -> "torch.Tensor":
         """The tensor's bytes as a torch uint8 view of the mapping (no copy; never write it)."""
+        import torch  # here, so that header-only users (ds4-gguf info) never pay for importing torch
+
         info = self._info(name)
         if info.n_bytes == 0:
             return torch.empty(0, dtype=torch.uint8)
