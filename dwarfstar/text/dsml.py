@@ -234,7 +234,7 @@ class SyntaxTracker:
             return "OUTSIDE"
         if w.state != "VALUE":
             return "STRUCTURAL"
-        if w._is_string:
+        if w.in_string_value:
             return "STRUCTURAL" if len(w.held) >= 2 else "STRING_BODY"
         return "JSON_STRING" if w.json_in_string else "JSON_STRUCTURAL"
 

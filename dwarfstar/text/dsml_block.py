@@ -132,6 +132,7 @@ class BlockWalker:
         self.calls: list[ToolCall] = []
         self.json_in_string = False
         self._escaped = False
+        self._is_string = False
         self._events: list = []
 
     @property
@@ -144,7 +145,13 @@ class BlockWalker:
 
     @property
     def held(self) -> str:
+        """Text fed but not yet decided (e.g. a partial closing tag)."""
         return self.buf
+
+    @property
+    def in_string_value(self) -> bool:
+        """Inside a parameter value that is written raw as a string (string="true" or absent)."""
+        return self.state == "VALUE" and self._is_string
 
     def feed(self, text: str) -> list:
         if self.state in ("DONE", "FAILED"):
