@@ -10,7 +10,8 @@ Contract:
 - `candidates(logits, params)` -> (token ids, weights): the tokens that may be drawn,
   in the order the draw walks them, with unnormalised weights exp((l - l_max)/T).
 - `sample(logits, params, rng, n_top=0)` -> Sample(token, logprob, top): temperature
-  <= 0 is greedy (lowest id among equal maxima); otherwise one uniform u from `rng`
+  <= 0 is greedy (lowest id among equal maxima); otherwise one uniform u from `rng` (an
+  `Rng`, or a seeded `torch.Generator` for callers that keep one; None = fresh OS seed)
   picks the first candidate whose cumulative weight reaches u·Σw. `logprob` and `top`
   (the n_top most likely tokens, lower id first among ties) are log-probabilities of
   the model's own distribution, log_softmax(logits), independent of the knobs.
@@ -100,13 +101,20 @@ def _draw(ids: torch.Tensor, w: torch.Tensor, u: float) -> int:
     return int(ids[hit[0]] if hit.numel() else ids[torch.argmax(w)])
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, rng: Rng, n_top: int = 0) -> Sample:
+def _uniform(rng: Rng | torch.Generator | None) -> float:
+    if isinstance(rng, torch.Generator):
+        return float(torch.rand((), generator=rng, dtype=torch.float64))
+    return (rng or Rng(0)).uniform()
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, rng: Rng | torch.Generator | None = None,
+           n_top: int = 0) -> Sample:
     logits = logits.to(torch.float64)
     logp = torch.log_softmax(logits, -1)
     if params.temperature <= 0:
         token = int(torch.argmax(logits))         # first maximal index
     else:
         ids, w = candidates(logits, params)
-        token = _draw(ids, w, rng.uniform())
+        token = _draw(ids, w, _uniform(rng))
     top_ids = _sorted_desc(logp)[:n_top].tolist()
     return Sample(token, float(logp[token]), [(i, float(logp[i])) for i in top_ids])

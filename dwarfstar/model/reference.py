@@ -6,9 +6,10 @@ Contract:
 - `ReferenceModel(weights, numerics="official"|"exact", dtype=float32|float64)`.
   Activations and decode state use `dtype`; weights are converted on use.
 - `model.new_state(ctx)` -> empty `DecodeState` for up to `ctx` tokens.
-- `model.forward(state, tokens)` appends `tokens` (one chunk of any length) to the
-  state and returns the logits after each of them [T, V]; `state.last_logits` is
-  set to the last row. Chunked calls give the same result as one call (model.md §4.2).
+- `model.forward(state, tokens, all_logits=True)` appends `tokens` (one chunk of any
+  length) to the state and returns the logits after each of them [T, V] (only the
+  last row, [1, V], with all_logits=False: prefill skips the big head matmul);
+  `state.last_logits` is set to the last row. Chunked calls give the same result as one call (model.md §4.2).
 - `model.run(state, tokens)` is the same without the head: final HC streams [T, n, D].
 - `model.head(x)` -> logits [T, V] from HC streams.
 """
@@ -76,8 +77,9 @@ class ReferenceModel:
                     w.get("output_hc_base.weight", dt), c)
         return rms_norm(y, w.get("output_norm.weight", dt), c.norm_eps) @ w.get("output.weight", dt).T
 
-    def forward(self, state: DecodeState, tokens: list[int]) -> torch.Tensor:
+    def forward(self, state: DecodeState, tokens: list[int], all_logits: bool = True) -> torch.Tensor:
         with torch.no_grad():
-            logits = self.head(self.run(state, tokens))
+            x = self.run(state, tokens)
+            logits = self.head(x if all_logits else x[-1:])
         state.last_logits = logits[-1].clone()
         return logits

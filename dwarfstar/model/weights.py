@@ -9,7 +9,8 @@ Contract:
   dequantised once and kept; big ones (above CACHE_LIMIT elements, GGUF only) are
   dequantised on every use so a full model never lives in memory as floats.
 - `weights.expert(name, e, dtype)` -> one routed expert's [out, in] matrix; from a GGUF
-  only that expert's contiguous slab is dequantised (one expert = one slab, gguf.md §3).
+  only that expert's contiguous slab is dequantised (one expert = one slab, gguf.md §3),
+  unless the whole tensor is small enough to cache.
 - `weights.ints(name)` -> int64 tensor (tid2eid).
 - `weights.layer(l)` / `weights.mtp_layer()` -> `LayerWeights`: the same accessors by
   field name (wq_a, wkv, ...) plus the layer's ratio, hash flag and SwiGLU clamp.
@@ -74,6 +75,9 @@ class Weights:
         return t
 
     def expert(self, name: str, e: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self._source.is_resident or _numel(self._shapes[name]) <= CACHE_LIMIT:
+            # Small expert tensors (test models) are dequantised once, whole.
+            return self.get(name, dtype)[e]
         return self._source.expert(name, e).to(dtype)
 
     def ints(self, name: str) -> torch.Tensor:
@@ -116,6 +120,13 @@ class LayerWeights:
 
 
 _GGUF_OF_FIELD = {s.field: s.gguf for s in names.LAYER} | {"mtp_" + s.field: s.gguf for s in names.MTP_GLOBAL}
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def _check(expected: dict, shapes: dict[str, tuple[int, ...]]) -> None:

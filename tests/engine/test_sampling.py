@@ -95,3 +95,9 @@ def test_rng_matches_xorshift64_star_definition():
 def test_clamping():
     p = SamplingParams(top_p=0, min_p=-1, top_k=5000).clamped()
     assert (p.top_p, p.min_p, p.top_k) == (1.0, 0.0, 1024)
+
+
+def test_torch_generator_is_accepted_and_reproducible():
+    params = SamplingParams(temperature=1.0, min_p=0.0)
+    run = lambda: [sample(LOGITS, params, g).token for g in [torch.Generator().manual_seed(5)] for _ in range(50)]
+    assert run() == run()
