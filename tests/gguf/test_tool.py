@@ -142,3 +142,21 @@ def test_info_on_mtp_file(capsys, tmp_path, tiny_path):
     # Without --main the tiny MTP file is measured against Flash and refused.
     rc, out, err = _info(capsys, mtp)
     assert rc == 1 and "validation: refused: metadata deepseek4.expert_count: expected 256" in out
+
+
+def test_info_on_full_size_flash_layout(capsys, tmp_path):
+    # Header of a q4 Flash file over a sparse hole; spec totals (gguf.md §3.4) as the oracle.
+    from dwarfstar import shape
+    from dwarfstar.gguf import names
+    from dwarfstar.text.vocab import real_vocab_metadata
+    from gguf_helpers import model_metadata, sparse_model, table
+
+    metadata = model_metadata(shape.FLASH, "DeepSeek V4 Flash", real_vocab_metadata())
+    path = sparse_model(tmp_path / "flash-q4.gguf", metadata, table(names.expected_tensors(shape.FLASH), "q4"))
+    rc, out, err = _info(capsys, path)
+    assert rc == 0 and err == ""
+    assert "validation: accepted" in out and "synthetic: no" in out and "flash_profile: pass" in out
+    assert "Q4_K        129 tensors    155,826,782,208 bytes" in out
+    assert "  total      1328 tensors" in out
+    assert out.count("Q4_K/Q4_K/Q4_K           q4") == 43
+    assert "STRING[129280]" in out and "(129280 items)" in out
