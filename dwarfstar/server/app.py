@@ -81,6 +81,7 @@ def _allowed(path: str) -> str | None:
 
 def create_app(options, preparer, worker) -> FastAPI:
     app = FastAPI(title="ds4-server", docs_url=None, redoc_url=None)
+    app.add_middleware(CommonHeaders, cors=options.cors)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
