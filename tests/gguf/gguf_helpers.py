@@ -109,3 +109,16 @@ def sparse_model(path: Path, metadata: dict, tensors: list[tuple[str, tuple[int,
 def _zeros(qtype: int, ne) -> bytes:
     block, block_bytes = GGML_QUANT_SIZES[T(qtype)]
     return bytes(int(np.prod(ne)) // block * block_bytes)
+
+
+def mtp_model(path: Path, arch=shape.MTP_ARCH, expert_count=8, drop=(), retype=None):
+    """An MTP-support GGUF for a TINY main model (gguf.md §2.3, §3.5), q4 experts, zero data."""
+    metadata = {"general.architecture": arch, "general.name": "DeepSeek V4 Flash MTP support",
+                "deepseek4.expert_count": expert_count, "deepseek4.mtp_layer_count": 1,
+                "deepseek4.nextn_predict_layers": 1}
+    tensors = []
+    for name, ne, qtype in table(names.expected_mtp_tensors(TINY), "q4"):
+        qtype = (retype or {}).get(name, qtype)
+        if name not in drop:
+            tensors.append((name, ne, qtype, bytes(tensor_bytes(qtype, ne))))
+    return write_gguf(path, metadata, tensors)

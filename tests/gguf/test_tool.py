@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as T, GGUFValueType as V
 from dwarfstar.gguf.tool import main
 from dwarfstar.gguf.writer import Value
 
-from gguf_helpers import patch, tensor_info_offset, tiny_model
+from gguf_helpers import mtp_model, patch, tensor_info_offset, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -135,8 +135,7 @@ def test_synth_then_info(capsys, tmp_path):
 
 
 def test_info_on_mtp_file(capsys, tmp_path, tiny_path):
-    from test_validate import _mtp
-    mtp = _mtp(tmp_path / "mtp.gguf")
+    mtp = mtp_model(tmp_path / "mtp.gguf")
     rc, out, _ = _info(capsys, mtp, "--main", tiny_path)
     assert rc == 0 and "validation: accepted (MTP file, checked against the main model" in out
     # Without --main the tiny MTP file is measured against Flash and refused.

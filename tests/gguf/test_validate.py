@@ -17,14 +17,13 @@ from gguf import GGMLQuantizationType as T, GGUFValueType as V
 
 from dwarfstar import shape
 from dwarfstar.gguf import names
-from dwarfstar.gguf.quants import tensor_bytes
 from dwarfstar.gguf.reader import GGUFError, GGUFFile
 from dwarfstar.gguf.synth import synthesize
 from dwarfstar.gguf.validate import FLASH_TENSOR_COUNT, routed_label, summary, validate, validate_mtp
 from dwarfstar.gguf.writer import Value, write_gguf
 from dwarfstar.text.vocab import real_vocab_metadata
 
-from gguf_helpers import TINY, model_metadata, sparse_model, table, tiny_model
+from gguf_helpers import TINY, mtp_model as _mtp, model_metadata, sparse_model, table, tiny_model
 
 FLASH_NAME = "DeepSeek V4 Flash"
 # gguf.md §3.4, q2 file: type -> (tensors, bytes unpadded).
@@ -201,18 +200,6 @@ def test_tokenizer_array_types(tmp_path):
 
 
 # ---- MTP --------------------------------------------------------------------------------
-def _mtp(path, arch=shape.MTP_ARCH, expert_count=8, drop=(), retype=None):
-    metadata = {"general.architecture": arch, "general.name": "DeepSeek V4 Flash MTP support",
-                "deepseek4.expert_count": expert_count, "deepseek4.mtp_layer_count": 1,
-                "deepseek4.nextn_predict_layers": 1}
-    tensors = []
-    for name, ne, qtype in table(names.expected_mtp_tensors(TINY), "q4"):
-        qtype = (retype or {}).get(name, qtype)
-        if name not in drop:
-            tensors.append((name, ne, qtype, bytes(tensor_bytes(qtype, ne))))
-    return write_gguf(path, metadata, tensors)
-
-
 def _mtp_refused(path) -> str:
     with GGUFFile(path) as f, pytest.raises(GGUFError) as e:
         validate_mtp(f, TINY)
