@@ -78,10 +78,16 @@ class Worker:
             try:
                 self.execute(job)
             except GenerationError as err:
-                job.emit("fail", 500, f"generation failed: {err}")
+                self._fail(job, f"generation failed: {err}")
             except Exception as err:  # a server fault: answer 500, keep serving
                 log.exception("request %d failed", job.number)
-                job.emit("fail", 500, f"generation failed: {err}")
+                self._fail(job, f"generation failed: {err}")
+
+    def _fail(self, job: Job, message: str) -> None:
+        # The KV keeps what was generated; bindings no longer describe it.
+        self.bindings = {}
+        self.trace.failed(job, message)
+        job.emit("fail", 500, message)
 
     def execute(self, job: Job) -> None:
         self.counter += 1

@@ -26,7 +26,7 @@ class FakeServer:
     """App + worker + fake engine in this process, driven by Starlette's TestClient."""
 
     def __init__(self, tmp_path: Path, **overrides):
-        self.options = replace(ServerOptions(ctx=4096, tokens=64, trace=str(tmp_path / "trace.txt")), **overrides)
+        self.options = replace(ServerOptions(ctx=4096, tokens=300, trace=str(tmp_path / "trace.txt")), **overrides)
         self.engine = FakeEngine()
         self.memory = ToolMemory(self.options.tool_memory_max_ids, self.options.exact_dsml_replay)
         self.trace = Trace(self.options.trace)

@@ -115,7 +115,7 @@ def test_routing_errors_and_models(server):
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
     assert client.get("/v1/messages/count_tokens").json()["type"] == "error"
     model = client.get("/v1/models/deepseek-v4-flash").json()
-    assert model["context_length"] == 4096 and model["top_provider"]["max_completion_tokens"] == 64
+    assert model["context_length"] == 4096 and model["top_provider"]["max_completion_tokens"] == 300
     assert client.get("/v1/models").json()["data"] == [model]
     preflight = client.options(CHAT)
     assert preflight.status_code == 204 and preflight.content == b""
