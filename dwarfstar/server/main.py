@@ -40,10 +40,13 @@ def _backend(options: ServerOptions) -> str:
     return "cuda" if options.backend == "cuda" else "reference"
 
 
-def load_engine(options: ServerOptions):
-    """Open the model or raise StartupError with one clear line."""
+def check_model(options: ServerOptions) -> None:
     if not os.path.isfile(options.model):
         raise StartupError(f"{PROG}: model file not found: {options.model}\n{PROG}: {WEIGHTS_HINT}")
+
+
+def load_engine(options: ServerOptions):
+    """Open the model or raise StartupError with one clear line."""
     from dwarfstar.engine.engine import Engine, EngineOptions
 
     try:
@@ -70,6 +73,7 @@ def serve(options: ServerOptions) -> int:
             os.chdir(options.chdir)
         except OSError as err:
             raise StartupError(f"{PROG}: cannot chdir to {options.chdir}: {err.strerror}") from None
+    check_model(options)
     lock = _lock()
     engine = load_engine(options)
     try:
