@@ -203,10 +203,6 @@ def main(argv: list[str] | None = None, load_engine=None) -> int:
 
 
 def run(opts: CliOptions, prompt: str | None, load_engine) -> int:
-    if opts.threads:
-        import torch
-
-        torch.set_num_threads(opts.threads)
     try:
         engine = load_engine(opts)
     except Exception as e:  # any load failure is one line for the user, exit 1
@@ -239,8 +235,36 @@ def load(opts: CliOptions):
 
     backend = opts.backend or ("cuda" if torch.cuda.is_available() else "cpu")
     engine_backend = "reference" if backend == "cpu" else backend
-    options = EngineOptions(backend=engine_backend, ctx=opts.ctx, numerics=opts.numerics)
-    return Engine.load(opts.model, options)
+    options = EngineOptions(backend=engine_backend, ctx=opts.ctx, numerics=opts.numerics, threads=opts.threads or 0)
+    return with_progress(f"loading {opts.model}", lambda: Engine.load(opts.model, options))
+
+
+def with_progress(desc: str, fn):
+    """Run `fn()` while a tqdm bar shows elapsed time on a TTY stderr (loading has no
+    progress hook, so the bar counts seconds); returns fn's result or raises its error."""
+    if not sys.stderr.isatty():
+        return fn()
+    import threading
+
+    from tqdm import tqdm
+
+    result: dict = {}
+
+    def work():
+        try:
+            result["value"] = fn()
+        except BaseException as e:  # re-raised in the caller's thread
+            result["error"] = e
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    with tqdm(desc=desc, file=sys.stderr, unit="s", leave=False, bar_format="{desc}: {elapsed}") as bar:
+        while worker.is_alive():
+            worker.join(timeout=0.25)
+            bar.refresh()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def dump_tokens(opts: CliOptions, prompt: str) -> int:
