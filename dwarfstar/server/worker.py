@@ -57,12 +57,16 @@ class Worker:
         # Written only on the worker thread; read (atomic reference) by request parsing.
         self.bindings: dict[str, Binding] = {}
         self.forced = self.tokenizer.encode(options.debug_forced_output) if options.debug_forced_output else None
+        self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="ds4-worker", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
 
     def stop(self) -> None:
+        """Shutdown (server.md §12): the running generation ends at its next token,
+        queued jobs are drained with the same answer."""
+        self.stopping.set()
         self.queue.put(None)
         self.thread.join(timeout=30)
 
@@ -78,16 +82,17 @@ class Worker:
             try:
                 self.execute(job)
             except GenerationError as err:
-                self._fail(job, f"generation failed: {err}")
+                status = 503 if self.stopping.is_set() else 500
+                self._fail(job, "server shutting down" if status == 503 else f"generation failed: {err}", status)
             except Exception as err:  # a server fault: answer 500, keep serving
                 log.exception("request %d failed", job.number)
                 self._fail(job, f"generation failed: {err}")
 
-    def _fail(self, job: Job, message: str) -> None:
+    def _fail(self, job: Job, message: str, status: int = 500) -> None:
         # The KV keeps what was generated; bindings no longer describe it.
         self.bindings = {}
         self.trace.failed(job, message)
-        job.emit("fail", 500, message)
+        job.emit("fail", status, message)
 
     def execute(self, job: Job) -> None:
         self.counter += 1
@@ -163,6 +168,8 @@ class Worker:
         while n_generated < budget:
             if job.cancelled.is_set():
                 raise GenerationError("client disconnected")
+            if self.stopping.is_set():
+                raise GenerationError("shutdown requested")
             token = self._pick(job, n_generated, projection.structural(), sampling)
             if token == eos:
                 finish = "stop"
