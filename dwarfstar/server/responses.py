@@ -10,7 +10,6 @@ under that wire name (the separate `namespace` field is not reported yet).
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 

@@ -14,7 +14,6 @@ Contract:
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
@@ -63,11 +62,6 @@ async def pump(job, projector):
                 return
     finally:
         job.cancelled.set()
-
-
-async def first_event(job):
-    """Await the worker's first event (used by non-streaming handlers too)."""
-    return await job.events.get()
 
 
 async def collect(job):
