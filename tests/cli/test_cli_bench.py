@@ -96,16 +96,7 @@ def test_snapshot_and_restore_are_outside_the_timed_regions(tok):
     assert session.tokens == list(range(300, 308))
 
 
-def test_bench_on_the_tiny_model(tmp_path):
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _bench_on_the_tiny_model(tmp_path)
-    finally:
-        torch.set_num_threads(torch_threads)
-
-
-def _bench_on_the_tiny_model(tmp_path):
+def test_bench_on_the_tiny_model(tmp_path, one_thread):
     from dwarfstar.engine.engine import Engine, EngineOptions
     from dwarfstar.gguf.synth import synthesize
 

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from dwarfstar import cliprompt
 from dwarfstar.engine.engine import Engine, EngineOptions
@@ -38,12 +37,8 @@ def engine(model):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def _one_thread(one_thread):
     """The in-process oracle runs while the ds4 child also computes: share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def child_env(tmp_path) -> dict:
