@@ -130,7 +130,8 @@ def test_cold_boundary_prefers_the_last_user_before_the_first_assistant():
     assert cold_boundary(tokens, user, assistant, 512, 32, 2048) == 651
     # The anchor is below min: fall back to the trimmed length (no alignment possible -> full).
     assert cold_boundary(tokens, user, assistant, 700, 32, 2048) == len(tokens)
-    assert cold_boundary(tokens, user, assistant, 660, 32, 0) == len(tokens) - 32
+    short_anchor = [1] * 600 + [user] + [2] * 100 + [assistant]
+    assert cold_boundary(short_anchor, user, assistant, 605, 32, 0) == 702 - 32
     no_user = [5] * 5000
     assert cold_boundary(no_user, user, assistant, 512, 32, 2048) == 4096
 
