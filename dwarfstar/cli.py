@@ -300,8 +300,13 @@ def _prefill(engine, opts: CliOptions, ids: list[int]):
         return None
     session = engine.new_session(ctx=opts.ctx)
     progress = PrefillProgress(len(ids))
-    session.sync(ids, progress=progress)
-    progress.close()
+    try:
+        session.sync(ids, progress=progress)
+    except Exception as e:  # engine errors are one line for the user
+        print(f"{PROG}: prompt processing failed: {e}", file=sys.stderr)
+        return None
+    finally:
+        progress.close()
     return session
 
 
@@ -318,12 +323,18 @@ def oneshot(engine, opts: CliOptions, ids: list[int], is_thinking: bool) -> int:
     printer = AnswerPrinter(sys.stdout, is_thinking=is_thinking, use_color=sys.stdout.isatty())
     decoder = tok.stream_decoder()
     budget = token_budget(opts.n_tokens, opts.ctx, len(ids))
-    n_gen = 0
-    for token in generate(session, Picker(sampling_params(opts)), budget, tok.eos_id):
-        printer.write(decoder.push(token))
-        n_gen += 1
+    n_gen, rc = 0, 0
+    try:
+        for token in generate(session, Picker(sampling_params(opts)), budget, tok.eos_id):
+            printer.write(decoder.push(token))
+            n_gen += 1
+    except Exception as e:
+        print(f"{PROG}: decode failed: {e}", file=sys.stderr)
+        rc = 1
     printer.write(decoder.flush())
     printer.finish()
+    if rc:
+        return rc
     t2 = time.perf_counter()
     prefill_tps = len(ids) / (t1 - t0) if t1 > t0 else 0.0
     gen_tps = n_gen / (t2 - t1) if t2 > t1 else 0.0

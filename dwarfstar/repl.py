@@ -155,17 +155,20 @@ class Chat:
         return report
 
     def _answer(self, mode: str) -> int:
+        """Stream the answer, appending each token to the transcript; returns the count."""
         printer = AnswerPrinter(self.out, is_thinking=mode != "none", use_color=_isatty(self.out))
         decoder = self.tok.stream_decoder()
         budget = token_budget(self.opts.n_tokens, self.ctx, len(self.session.tokens))
-        n_gen = 0
-        for token in generate(self.session, Picker(self.params), budget, self.tok.eos_id, self.stop):
-            self.transcript.append(token)
-            printer.write(decoder.push(token))
-            n_gen += 1
+        start = len(self.transcript)
+        try:
+            for token in generate(self.session, Picker(self.params), budget, self.tok.eos_id, self.stop):
+                self.transcript.append(token)
+                printer.write(decoder.push(token))
+        except Exception as e:  # keep what was generated; the REPL stays usable
+            self.err.write(f"ds4: decode failed: {e}\n")
         printer.write(decoder.flush())
         printer.finish()
-        return n_gen
+        return len(self.transcript) - start
 
     def _warn(self, line: str | None) -> None:
         if line:
@@ -261,16 +264,16 @@ def run_repl(chat: Chat) -> int:
     while True:
         try:
             line = input("ds4> ")
+            if line.strip() and save_history:
+                save_history()
+            code = handle_line(chat, line)
         except KeyboardInterrupt:
+            # Ctrl+C at the prompt (or between turns) is ignored, as in ds4.
             chat.out.write("\n")
             continue
         except EOFError:
             chat.out.write("\n")
             return 0
-        if line.strip() and save_history:
-            save_history()
-        code = handle_line(chat, line)
         chat.out.flush()
         if code is not None:
             return code
-

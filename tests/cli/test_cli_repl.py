@@ -180,3 +180,20 @@ def test_other_commands(tok, tmp_path):
     assert chat.err.getvalue().endswith(f"ds4: failed to open prompt file: {tmp_path / 'none.txt'}\n")
     assert handle_line(chat, "   ") is None
     assert handle_line(chat, "/exit") == 0 and handle_line(chat, "/quit") == 0
+
+
+def test_engine_error_during_decode_keeps_the_repl_usable(tok):
+    engine, chat = make_chat(tok, [[305, 306, 307], [310]])
+
+    def fail_on_second(session):
+        if session.n_evals == 2:
+            raise RuntimeError("device lost")
+
+    engine.on_eval = fail_on_second
+    handle_line(chat, "one")
+    assert "ds4: decode failed: device lost\n" in chat.err.getvalue()
+    # The failed token was appended by the fake before raising, but never yielded.
+    assert chat.transcript[-2:] == [305, tok.eos_id]
+    engine.on_eval = None
+    handle_line(chat, "two")
+    assert chat.transcript[-2:] == [310, tok.eos_id]
