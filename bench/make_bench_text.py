@@ -20,7 +20,9 @@ import sysconfig
 from pathlib import Path
 
 # Test suites, GUI and demo code carry few or odd docstrings; site-packages is not stdlib.
-SKIP_PARTS = {"test", "tests", "idlelib", "tkinter", "turtledemo", "site-packages", "lib2to3", "__pycache__", "ensurepip"}
+SKIP_PARTS = {
+    "test", "tests", "idlelib", "tkinter", "turtledemo", "site-packages", "lib2to3", "__pycache__", "ensurepip",
+}
 
 
 def docstrings(path: Path, module: str) -> list[str]:

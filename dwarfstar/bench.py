@@ -103,7 +103,9 @@ def parse_args(argv: list[str]) -> BenchOptions:
     if opts.backend == "metal":
         raise UsageError(f"{PROG}: the metal backend is not supported by dwarfstar; use --cpu or --cuda")
     if opts.backend not in (None, "cpu", "cuda"):
-        raise UsageError(f"{PROG}: invalid value for --backend: {opts.backend}\n{PROG}: valid backends are: metal, cuda, cpu")
+        raise UsageError(
+            f"{PROG}: invalid value for --backend: {opts.backend}\n{PROG}: valid backends are: metal, cuda, cpu"
+        )
     if (opts.prompt_file is None) == (opts.chat_prompt_file is None):
         raise UsageError(f"{PROG}: specify exactly one of --prompt-file or --chat-prompt-file")
     if opts.ctx_start > opts.ctx_max:

@@ -136,3 +136,16 @@ def test_text_too_short_exits_1(tmp_path, monkeypatch, capsys):
     assert main(argv) == 1
     out = capsys.readouterr()
     assert out.err.endswith("need at least --ctx-max=64\n") and out.out == ""
+
+
+def test_text_tokenization_plain_and_chat(tok, tmp_path):
+    from dwarfstar.bench import bench_tokens
+
+    path = tmp_path / "t.txt"
+    path.write_text("some <think> text")
+    plain = bench_tokens(tok, BenchOptions(prompt_file=str(path)))
+    assert plain == cliprompt.plain_bpe(tok, "some <think> text") and tok.id_of("<think>") not in plain
+    chat = bench_tokens(tok, BenchOptions(chat_prompt_file=str(path), system="Sys."))
+    ids = lambda *names: [tok.id_of(n) for n in names]
+    assert chat == (ids("<｜begin▁of▁sentence｜>") + cliprompt.plain_bpe(tok, "Sys.") + ids("<｜User｜>") + plain
+                    + ids("<｜Assistant｜>", "</think>"))
