@@ -155,7 +155,7 @@ PATHS = st.sampled_from([CHAT, "/v1/completions", "/v1/responses", "/v1/messages
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory):
-    from conftest import FakeServer
+    from server_fake import FakeServer
     server = FakeServer(tmp_path_factory.mktemp("fuzz"), tokens=2)
     yield server
     server.close()

@@ -6,7 +6,7 @@ the whole live state must report cached == previous prompt + previous completion
 
 from __future__ import annotations
 
-from test_streams import CHAT, DSML, FORCED, TOOLS, USER
+from server_samples import CHAT, DSML, FORCED, TOOLS, USER
 
 from dwarfstar.server.convo import ToolMemory
 

@@ -1,4 +1,4 @@
-"""A small fake engine for protocol-layer tests (STYLE.md allows one per API surface).
+"""A small fake engine (and the in-process server on it) for protocol-layer tests (STYLE.md allows one per API surface).
 
 It implements exactly the Engine/Session interface the server uses
 (docs/INTERFACES.md): `tokenizer` (the real Tokenizer on the tiny synthetic
@@ -10,8 +10,18 @@ the server's prefix-reuse tests assert on.
 
 from __future__ import annotations
 
-import torch
+from dataclasses import replace
+from pathlib import Path
 
+import torch
+from starlette.testclient import TestClient
+
+from dwarfstar.server.app import create_app
+from dwarfstar.server.convo import ToolMemory
+from dwarfstar.server.options import ServerOptions
+from dwarfstar.server.prepare import Preparer
+from dwarfstar.server.trace import Trace
+from dwarfstar.server.worker import Worker
 from dwarfstar.text.tokenizer import Tokenizer
 from dwarfstar.text.vocab import tiny_vocab_metadata
 
@@ -62,3 +72,26 @@ class FakeEngine:
         session = FakeSession(self)
         self.sessions.append(session)
         return session
+
+
+class FakeServer:
+    """App + worker + fake engine in this process, driven by Starlette's TestClient."""
+
+    def __init__(self, tmp_path: Path, **overrides):
+        self.options = replace(ServerOptions(ctx=4096, tokens=300, trace=str(tmp_path / "trace.txt")), **overrides)
+        self.engine = FakeEngine()
+        self.memory = ToolMemory(self.options.tool_memory_max_ids, self.options.exact_dsml_replay)
+        self.trace = Trace(self.options.trace)
+        self.worker = Worker(self.engine, self.options, self.memory, self.trace)
+        self.worker.start()
+        app = create_app(self.options, Preparer(self.engine.tokenizer, self.options, self.memory, self.worker),
+                         self.worker)
+        self.client = TestClient(app, raise_server_exceptions=False)
+
+    @property
+    def session(self):
+        return self.worker.session
+
+    def close(self):
+        self.worker.stop()
+        self.trace.close()

@@ -19,8 +19,8 @@ import anthropic
 import httpx
 import openai
 import pytest
-from live import LiveServer
-from test_streams import ARGS, FORCED, TOOLS
+from server_live import LiveServer
+from server_samples import ARGS, FORCED, TOOLS
 
 from dwarfstar.gguf.synth import synthesize
 
