@@ -9,7 +9,8 @@ Contract:
   `engine.new_session(ctx=None)` -> Session with its own decode state.
 - `options.mtp` names the separate MTP GGUF; it is validated against the main model
   and exposed as `engine.mtp` (model/mtp.py), else None.
-Only the "reference" backend lives here; the engine never sees text.
+The "reference" backend lives here; backend "cuda" is engine/cuda_engine.py (same
+interface). The engine never sees text.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ class Engine:
         from dwarfstar.gguf.validate import validate
         from dwarfstar.text.tokenizer import Tokenizer
 
+        if options.backend == "cuda":
+            from dwarfstar.engine.cuda_engine import CudaEngine
+
+            return CudaEngine.load(path, options)
         if options.backend != "reference":
             raise ValueError(f"backend {options.backend!r} is not available in this engine (only 'reference')")
         if options.dtype not in _DTYPES:

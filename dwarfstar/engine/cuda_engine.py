@@ -1,0 +1,229 @@
+"""The "cuda" backend: GPU weights, the decode step as a CUDA graph, the Session interface.
+
+Contract:
+- `load_tensors(gguf_file, device)` uploads each tensor's raw bytes and repacks matrices
+  on the device into the planar layouts (kernels/repack.py); vectors become float32,
+  `tid2eid` int64, `token_embd` stays fp16 (one row read per token; on the GPU so the
+  decode graph can take the token id as a device tensor).
+- `dummy_tensors(config, device, experts)` makes the same dict with no file: random valid
+  quant blocks (RMS 1/sqrt(in), as gguf/synth.py) generated on the device, for benchmarks.
+- `CudaEngine.load(path, options)` (called by `Engine.load` for backend "cuda") and
+  `CudaEngine.dummy(config, options)`; `engine.new_session(ctx)` -> `CudaSession`.
+- `CudaSession` has the reference Session's interface (sync / eval / logits / snapshot /
+  restore / tokens / reset). Prefill runs `ForwardModel.prefill` in chunks; `eval` replays
+  a CUDA graph of `ForwardModel.step` captured on the session's own static state at the
+  first eval (`use_graph=False` runs the same step eagerly: diagnostics and CPU runs).
+  Snapshots are the reference format (engine/kv.py), so they move between backends.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+from dwarfstar.engine.cuda_state import CudaDecodeState
+from dwarfstar.engine.engine import Engine, EngineOptions
+from dwarfstar.engine.kv import DecodeState
+from dwarfstar.engine.session import Progress, common_prefix
+from dwarfstar.gguf import names
+from dwarfstar.gguf.synth import D_OFFSET, DMIN_OFFSET, DMIN_RATIO, RMS_PER_UNIT_SCALE, _rng, float_values, tid2eid
+from dwarfstar.kernels.repack import PlanarF16, planar_nbytes, repack
+from dwarfstar.model.forward import TRITON_OPS, TWIN_OPS, ForwardModel
+from dwarfstar.shape import ModelConfig
+
+# GGUF names whose 2-D F16 tensors are added, not multiplied (kept as float32).
+_ADDITIVE = ("compressor_ape", "indexer_compressor_ape")
+_EMBED = "token_embd.weight"
+
+
+def _is_matrix(field: str, shape: tuple[int, ...]) -> bool:
+    return len(shape) >= 2 and field not in _ADDITIVE and field != "tid2eid"
+
+
+def _field_of(name: str) -> str:
+    gguf = name.split(".", 2)[-1] if name.startswith("blk.") else name
+    for spec in names.LAYER + names.GLOBAL:
+        if spec.gguf == gguf:
+            return spec.field
+    return gguf
+
+
+def load_tensors(gguf_file, device: str, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    out = {}
+    items = list(gguf_file.tensors.items())
+    for name, info in tqdm(items, desc="upload+repack", unit="tensor", disable=not progress):
+        raw = gguf_file.raw_torch(name).to(device)
+        shape, gtype = tuple(info.shape), int(info.ggml_type)
+        if name == _EMBED:
+            out[name] = raw.view(torch.float16).reshape(shape)
+        elif gtype == T.F32:
+            out[name] = raw.view(torch.float32).reshape(shape).clone()
+        elif gtype == T.I32:
+            out[name] = raw.view(torch.int32).reshape(shape).to(torch.int64)
+        elif _is_matrix(_field_of(name), shape):
+            out[name] = repack(raw, gtype, shape)
+        else:
+            out[name] = raw.view(torch.float16).reshape(shape).float()
+        del raw
+    return out
+
+
+def _random_quant(gtype: int, shape: tuple[int, ...], std: float, gen: torch.Generator) -> torch.Tensor:
+    """Raw bytes of random valid blocks with values of RMS ~std (gguf/synth.py recipe), on gen's device."""
+    from gguf import GGML_QUANT_SIZES
+
+    block, nbytes = GGML_QUANT_SIZES[gtype]
+    n_blocks = math.prod(shape) // block
+    dev = gen.device
+    raw = torch.randint(0, 256, (n_blocks, nbytes), generator=gen, device=dev, dtype=torch.uint8)
+    d = std / RMS_PER_UNIT_SCALE[gtype] * (0.75 + 0.5 * torch.rand(n_blocks, generator=gen, device=dev))
+    off = D_OFFSET[gtype]
+    raw[:, off:off + 2] = d.half().view(torch.uint8).reshape(n_blocks, 2)
+    if gtype in DMIN_OFFSET:
+        off = DMIN_OFFSET[gtype]
+        raw[:, off:off + 2] = (DMIN_RATIO[gtype] * d).half().view(torch.uint8).reshape(n_blocks, 2)
+    return raw.reshape(-1)
+
+
+def dummy_tensors(config: ModelConfig, device: str, experts: str = "q2", seed: int = 0,
+                  progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = {}
+    for name, (spec, ne) in tqdm(names.expected_tensors(config).items(), desc="dummy weights",
+                                 unit="tensor", disable=not progress):
+        shape = tuple(reversed(ne))
+        gtype = names.EXPERT_TYPES[experts][spec.field] if spec.is_routed else spec.types[0]
+        std = 1.0 / math.sqrt(ne[0])
+        rng = _rng(seed, name)
+        if name == _EMBED:
+            out[name] = torch.randn(shape, generator=gen, device=device).half()
+        elif spec.field == "tid2eid":
+            ids = tid2eid(config.vocab_size, config.n_activated_experts, config.n_routed_experts, rng)
+            out[name] = torch.from_numpy(ids.astype(np.int64)).to(device)
+        elif gtype == T.F16 and _is_matrix(spec.field, shape):
+            out[name] = PlanarF16((torch.randn(shape, generator=gen, device=device) * std).half())
+        elif gtype in (T.F32, T.F16):
+            out[name] = torch.from_numpy(float_values(spec.field, ne, rng)).to(device)
+        else:
+            out[name] = repack(_random_quant(gtype, shape, std, gen), gtype, shape)
+    return out
+
+
+def tensor_bytes(tensors: dict) -> int:
+    return sum(t.numel() * t.element_size() if isinstance(t, torch.Tensor) else planar_nbytes(t)
+               for t in tensors.values())
+
+
+class CudaEngine(Engine):
+    @classmethod
+    def load(cls, path, options: EngineOptions = EngineOptions(backend="cuda")) -> "CudaEngine":
+        from dwarfstar.gguf.reader import GGUFFile
+        from dwarfstar.gguf.validate import validate
+        from dwarfstar.text.tokenizer import Tokenizer
+
+        gguf_file = GGUFFile(path)
+        config = validate(gguf_file)
+        tokenizer = Tokenizer.from_metadata(gguf_file.metadata)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = ForwardModel(config, load_tensors(gguf_file, device), options.numerics,
+                             TRITON_OPS if device == "cuda" else TWIN_OPS)
+        return cls(options, gguf_file, config, tokenizer, model)
+
+    @classmethod
+    def dummy(cls, config: ModelConfig, options: EngineOptions = EngineOptions(backend="cuda"),
+              experts: str = "q2") -> "CudaEngine":
+        model = ForwardModel(config, dummy_tensors(config, "cuda", experts), options.numerics)
+        return cls(options, None, config, None, model)
+
+    def new_session(self, ctx: int | None = None, use_graph: bool | None = None) -> "CudaSession":
+        if use_graph is None:
+            use_graph = self.model.device.type == "cuda"
+        return CudaSession(self.model, ctx or self.options.ctx, self.options.prefill_chunk, use_graph)
+
+
+class CudaSession:
+    def __init__(self, model: ForwardModel, ctx: int, prefill_chunk: int = 512, use_graph: bool = True):
+        self.model = model
+        self.ctx = ctx
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.use_graph = use_graph
+        self.state = CudaDecodeState.new(model.config, ctx, model.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return list(self.state.tokens)
+
+    def reset(self) -> None:
+        self.state.reset()
+
+    def sync(self, tokens: list[int], progress: Progress | None = None) -> int:
+        tokens = [int(t) for t in tokens]
+        if len(tokens) > self.ctx:
+            raise ValueError(f"{len(tokens)} tokens do not fit the context of {self.ctx}")
+        if common_prefix(self.state.tokens, tokens) < self.state.n_tokens:
+            self.reset()
+        start = self.state.n_tokens
+        with torch.no_grad():
+            for i in range(start, len(tokens), self.prefill_chunk):
+                self.model.prefill(self.state, tokens[i:i + self.prefill_chunk])
+                if progress is not None:
+                    progress(self.state.n_tokens, len(tokens))
+        return len(tokens) - start
+
+    def logits(self) -> torch.Tensor:
+        if not self.state.has_logits:
+            raise RuntimeError("no logits yet: the session holds no tokens")
+        return self.state.logits.cpu()
+
+    def eval(self, token: int) -> None:
+        if self.state.n_tokens >= self.ctx:
+            raise ValueError(f"context of {self.ctx} tokens is full")
+        self.state.token.fill_(int(token))
+        with torch.no_grad():
+            if not self.use_graph:
+                self.model.step(self.state)
+            else:
+                if self.graph is None:
+                    self.graph = capture_step(self.model, self.state)
+                self.graph.replay()
+        self.state.tokens.append(int(token))
+        self.state.has_logits = True
+
+    def snapshot(self) -> bytes:
+        return self.state.to_reference().snapshot()
+
+    def restore(self, blob: bytes) -> None:
+        self.state.load_reference(DecodeState.restore(self.model.config, blob))
+
+
+def _buffers(state: CudaDecodeState) -> list[torch.Tensor]:
+    out = [state.token, state.pos, state.ring_pos, state.logits]
+    for s in state.layers:
+        out += [t for t in (s.raw, s.comp, s.comp_kv, s.comp_score, s.index, s.index_kv, s.index_score)
+                if t is not None]
+    return out
+
+
+def capture_step(model: ForwardModel, state: CudaDecodeState) -> torch.cuda.CUDAGraph:
+    """Capture one decode step on `state`'s buffers; the state's contents are left unchanged."""
+    saved = [t.clone() for t in _buffers(state)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        # Warm-up: compiles the Triton kernels and primes the allocator outside the capture.
+        model.step(state)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        model.step(state)
+    for t, s in zip(_buffers(state), saved):
+        t.copy_(s)
+    return graph

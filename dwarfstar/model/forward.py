@@ -1,0 +1,369 @@
+"""The production forward: the reference block structure on GPU weights, kernels for the mat-vecs.
+
+Dims: T tokens in a chunk, n HC streams, D hidden, H heads, Dh head dim, V vocab,
+K experts per token, E experts, cap compressed-row capacity, k_eff = min(index_topk, cap).
+
+Contract:
+- `ForwardModel(config, tensors, numerics, ops)`: `tensors` maps GGUF names to planar
+  weights (kernels/repack.py) for every matrix and to float tensors for vectors (F32, the
+  compressor `ape`), int64 for `tid2eid`, fp16 for `token_embd`; all on one device.
+  `ops` = `TRITON_OPS` (production) or `TWIN_OPS` (the kernels' PyTorch twins: the same
+  forward on a CPU, a diagnostic switch for tests).
+- `model.step(state)` is one decode token: reads `state.token`, `state.pos`, writes the
+  layer state, `state.logits`, advances `pos` and `ring_pos`. It does no host sync, no
+  host-to-device copy and has no data-dependent shapes, so it can be captured in a CUDA
+  graph (engine/cuda_engine.py) and replayed for every position.
+- `model.prefill(state, tokens)` appends a chunk (host positions): dense weights are
+  dequantised to fp32 and multiplied with torch.matmul when T > MAX_COLS, routed experts
+  are grouped by expert. It leaves `state` exactly as T decode steps would (model.md §4.2).
+- Both compute the reference math (model/reference.py) in fp32 with the same rounding
+  points; results differ from it by fp32 summation order only.
+The state is a `CudaDecodeState` (engine/cuda_state.py); `pos` is the GPU mirror of
+`len(state.tokens)`, which the caller keeps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from dwarfstar.engine.cuda_state import CudaDecodeState, CudaLayerState
+from dwarfstar.kernels.matvec import MAX_COLS, expert_matvec, expert_matvec_ref, matvec, matvec_ref
+from dwarfstar.kernels.repack import Planar, dequantize_planar, select_experts
+from dwarfstar.kernels.rounding import hadamard_round, stable_topk
+from dwarfstar.model.attention import _attend
+from dwarfstar.model.hc import sinkhorn
+from dwarfstar.model.moe import ROUTE_SUM_FLOOR, swiglu
+from dwarfstar.model.moe import stable_topk as sort_topk
+from dwarfstar.model.numerics import Numerics, _hadamard_matrix, fp8_sim, half_round, rms_norm
+from dwarfstar.model.rope import apply_rope, rope_frequencies
+from dwarfstar.shape import OVERLAP_RATIO, ModelConfig
+
+
+@dataclass(frozen=True)
+class Ops:
+    """Kernel entry points: Triton launchers, or their twins (diagnostic CPU runs)."""
+
+    matvec: Callable
+    expert_matvec: Callable
+
+
+TRITON_OPS = Ops(matvec, expert_matvec)
+TWIN_OPS = Ops(matvec_ref, expert_matvec_ref)
+
+
+def _grouped(p: Planar, groups: int) -> Planar:
+    """[G*R, K] planar weight viewed as G stacked [R, K] matrices (expert axis = group)."""
+    return type(p)(*(f.view(groups, f.shape[0] // groups, *f.shape[1:]) for f in
+                     (getattr(p, n) for n in p.__dataclass_fields__)))
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One block's weights by official field name, plus its schedule facts."""
+
+    w: dict
+    ratio: int
+    is_hash: bool
+    swiglu_limit: float
+    omega: torch.Tensor          # float64 [d_r/2] RoPE frequencies, on the device
+
+
+class ForwardModel:
+    def __init__(self, config: ModelConfig, tensors: dict, numerics: str = "official", ops: Ops = TRITON_OPS):
+        from dwarfstar.model.weights import _GGUF_OF_FIELD
+
+        self.config = config
+        self.t = tensors
+        self.numerics = Numerics.of(numerics)
+        self.ops = ops
+        self.device = tensors["output_norm.weight"].device
+        self.layers = []
+        for i in range(config.n_layers):
+            r = config.compress_ratios[i]
+            w = {f: tensors[f"blk.{i}.{g}"] for f, g in _GGUF_OF_FIELD.items() if f"blk.{i}.{g}" in tensors}
+            w["wo_a_grouped"] = _grouped(w["wo_a"], config.o_groups)
+            omega = rope_frequencies(config, r).to(self.device)
+            self.layers.append(Layer(w, r, config.is_hash_layer(i), config.swiglu_limits[i], omega))
+        self.hadamard = _hadamard_matrix(config.index_head_dim).to(self.device, torch.float32)
+        self.group_ids = torch.arange(config.o_groups, dtype=torch.int32, device=self.device)
+
+    # ---- primitives -------------------------------------------------------------------
+    def proj(self, w: Planar, x: torch.Tensor) -> torch.Tensor:
+        """x [T, K] @ W^T -> [T, N]: mat-vec kernel for decode, dequantise + matmul for chunks."""
+        if x.shape[0] <= MAX_COLS:
+            return self.ops.matvec(w, x.contiguous())
+        return x @ dequantize_planar(w).T
+
+    def kv_rounding(self, row: torch.Tensor) -> torch.Tensor:
+        n_nope = self.config.nope_head_dim
+        if self.numerics.fp8_kv:
+            row = torch.cat([fp8_sim(row[..., :n_nope]), row[..., n_nope:]], -1)
+        return half_round(row) if self.numerics.half_cache else row
+
+    def index_rounding(self, v: torch.Tensor, is_cached: bool) -> torch.Tensor:
+        if self.numerics.fp4_indexer:
+            v = hadamard_round(v, self.hadamard)
+        return half_round(v) if (is_cached and self.numerics.half_cache) else v
+
+    # ---- mHC --------------------------------------------------------------------------
+    def hc_pre(self, x, fn, scale, base):
+        c = self.config
+        t, n, _ = x.shape
+        mix = self.proj(fn, rms_norm(x.reshape(t, -1), None, c.norm_eps))      # [T, (2+n)n]
+        pre = torch.sigmoid(scale[0] * mix[:, :n] + base[:n]) + c.hc_eps
+        post = 2 * torch.sigmoid(scale[1] * mix[:, n:2 * n] + base[n:2 * n])
+        comb = (scale[2] * mix[:, 2 * n:] + base[2 * n:]).view(t, n, n)
+        m = sinkhorn(comb, c.hc_sinkhorn_iters, c.hc_eps)
+        return (pre[:, :, None] * x).sum(1), post, m
+
+    @staticmethod
+    def hc_post(f, x, post, m):
+        return post[:, :, None] * f[:, None, :] + torch.einsum("tij,tid->tjd", m, x)
+
+    # ---- whole model ------------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        e = self.t["token_embd.weight"][tokens].float()                       # [T, D]
+        return e[:, None, :].expand(-1, self.config.hc_mult, -1).contiguous()
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        c, t = self.config, x.shape[0]
+        mix = self.proj(self.t["output_hc_fn.weight"], rms_norm(x.reshape(t, -1), None, c.norm_eps))
+        wts = torch.sigmoid(self.t["output_hc_scale.weight"][0] * mix + self.t["output_hc_base.weight"]) + c.hc_eps
+        y = rms_norm((wts[:, :, None] * x).sum(1), self.t["output_norm.weight"], c.norm_eps)
+        return self.proj(self.t["output.weight"], y)                          # [T, V]
+
+    def block(self, x, tokens, positions, layer: Layer, s: CudaLayerState, state, chunk_t0):
+        w, c = layer.w, self.config
+        u, post, m = self.hc_pre(x, w["hc_attn_fn"], w["hc_attn_scale"], w["hc_attn_base"])
+        f = self.attention(rms_norm(u, w["attn_norm"], c.norm_eps), positions, layer, s, state, chunk_t0)
+        x = self.hc_post(f, x, post, m)
+        u, post, m = self.hc_pre(x, w["hc_ffn_fn"], w["hc_ffn_scale"], w["hc_ffn_base"])
+        h = rms_norm(u, w["ffn_norm"], c.norm_eps)
+        f = self.moe_step(h, tokens, layer) if chunk_t0 is None else self.moe_chunk(h, tokens, layer)
+        return self.hc_post(f, x, post, m)
+
+    def step(self, state: CudaDecodeState) -> None:
+        """One graph-safe decode step for `state.token` at `state.pos`."""
+        x = self.embed(state.token)                                            # [1, n, D]
+        for layer, s in zip(self.layers, state.layers):
+            x = self.block(x, state.token, state.pos, layer, s, state, None)
+        state.logits.copy_(self.head(x)[0])
+        w = self.config.window_size
+        state.ring_pos.index_copy_(0, state.pos % w, state.pos)
+        state.pos.add_(1)
+
+    def prefill(self, state: CudaDecodeState, tokens: list[int]) -> None:
+        t0, t = state.n_tokens, len(tokens)
+        ids = torch.tensor(tokens, dtype=torch.int64, device=self.device)
+        positions = torch.arange(t0, t0 + t, device=self.device)
+        x = self.embed(ids)
+        for layer, s in zip(self.layers, state.layers):
+            x = self.block(x, ids, positions, layer, s, state, t0)
+        state.logits.copy_(self.head(x[-1:])[0])
+        w = self.config.window_size
+        keep = positions[-w:]
+        state.ring_pos.index_copy_(0, keep % w, keep)
+        state.pos.fill_(t0 + t)
+        state.tokens.extend(tokens)
+        state.has_logits = True
+
+    # ---- attention (model.md §2.3) ---------------------------------------------------
+    def attention(self, h, positions, layer: Layer, s: CudaLayerState, state, chunk_t0):
+        c, w = self.config, layer.w
+        t, n_heads, d = h.shape[0], c.n_heads, c.head_dim
+        qr = rms_norm(self.proj(w["wq_a"], h), w["q_norm"], c.norm_eps)
+        q = rms_norm(self.proj(w["wq_b"], qr).view(t, n_heads, d), None, c.norm_eps)
+        q = apply_rope(q, positions, layer.omega)                              # [T, H, Dh]
+        kv = rms_norm(self.proj(w["wkv"], h), w["kv_norm"], c.norm_eps)
+        kv = self.kv_rounding(apply_rope(kv, positions, layer.omega))          # [T, Dh]
+
+        # Raw window: ring rows held before this chunk, then the chunk's own rows.
+        keys = torch.cat([s.raw, kv])
+        key_pos = torch.cat([state.ring_pos, positions])
+        win = c.window_size
+        mask = ((key_pos[None, :] <= positions[:, None]) & (key_pos[None, :] > positions[:, None] - win)
+                & (key_pos[None, :] >= 0))
+        keep = positions[-win:]
+        s.raw.index_copy_(0, keep % win, kv[-win:])
+        if layer.ratio > 0:
+            comp, comp_mask = self.compressed_keys(h, qr, positions, layer, s, chunk_t0)
+            keys, mask = torch.cat([keys, comp]), torch.cat([mask, comp_mask], 1)
+
+        o = _attend(q, keys, mask, w["attn_sink"])
+        o = apply_rope(o, positions, layer.omega, inverse=True)
+        return self.out_proj(o.reshape(t, c.o_groups, -1), w)
+
+    def out_proj(self, o: torch.Tensor, w: dict) -> torch.Tensor:
+        """Grouped out-a (one [R_o, H*Dh/G] matrix per group) then out-b."""
+        t, g, _ = o.shape
+        if t == 1:
+            y = self.ops.expert_matvec(w["wo_a_grouped"], self.group_ids, o[0].contiguous()).reshape(1, -1)
+        else:
+            wo_a = dequantize_planar(w["wo_a_grouped"])                        # [G, R_o, H*Dh/G]
+            y = torch.einsum("tgi,goi->tgo", o, wo_a).reshape(t, -1)
+        return self.proj(w["wo_b"], y)
+
+    def compressed_keys(self, h, qr, positions, layer: Layer, s: CudaLayerState, chunk_t0):
+        """Run the compressors, -> (rows [N_c, Dh], mask [T, N_c]) the queries may attend to."""
+        c, w, r = self.config, layer.w, layer.ratio
+        comp = (w["compressor_wkv"], w["compressor_wgate"], w["compressor_ape"], w["compressor_norm"])
+        self.compress(h, positions, chunk_t0, s.comp_kv, s.comp_score, s.comp, comp, r, layer.omega,
+                      self.kv_rounding)
+        visible_n = (positions + 1) // r                                       # [T]
+        if chunk_t0 is None:
+            cap = s.comp.shape[0]
+            rows, n_c = s.comp, cap
+        else:
+            n_c = (chunk_t0 + h.shape[0]) // r
+            rows = s.comp[:n_c]
+        visible = torch.arange(n_c, device=h.device)[None, :] < visible_n[:, None]    # [T, N_c]
+        if r != OVERLAP_RATIO:
+            return rows, visible
+        idx_w = (w["indexer_compressor_wkv"], w["indexer_compressor_wgate"], w["indexer_compressor_ape"],
+                 w["indexer_compressor_norm"])
+        self.compress(h, positions, chunk_t0, s.index_kv, s.index_score, s.index, idx_w, r, layer.omega,
+                      lambda v: self.index_rounding(v, is_cached=True))
+        if chunk_t0 is not None and n_c <= c.index_topk:
+            return rows, visible
+        score = self.index_scores(qr, h, positions, s.index[:n_c], w, layer.omega)
+        score = score.masked_fill(~visible, float("-inf"))
+        if chunk_t0 is not None:
+            top = sort_topk(score, c.index_topk)                               # [T, k]
+            chosen = torch.zeros_like(visible).scatter_(1, top, True)
+            return rows, chosen & visible
+        # Decode: gather the k_eff best rows; when fewer are visible all of them are among
+        # the k_eff (finite scores beat -inf), the same set the reference keeps.
+        top = stable_topk(score, min(c.index_topk, n_c))                       # [1, k_eff]
+        return rows.index_select(0, top[0]), visible.gather(1, top)
+
+    def index_scores(self, qr, h, positions, rows, w, omega) -> torch.Tensor:
+        c = self.config
+        d_i, n_h = c.index_head_dim, c.index_n_heads
+        q = self.proj(w["indexer_wq_b"], qr).view(-1, n_h, d_i)               # [T, H_I, d_I]
+        q = self.index_rounding(apply_rope(q, positions, omega), is_cached=False)
+        wts = self.proj(w["indexer_weights_proj"], h) / math.sqrt(d_i * n_h)   # [T, H_I]
+        return torch.einsum("th,thc->tc", wts, torch.relu(torch.einsum("thd,cd->thc", q, rows)))
+
+    # ---- compressor (model.md §2.4) --------------------------------------------------
+    def compress(self, h, positions, chunk_t0, kv_f, score_f, rows, params, r, omega, finish):
+        wkv, wgate, ape, norm = params
+        a = self.proj(wkv, h)                                                  # [T, coff*c]
+        z = self.proj(wgate, h) + ape[positions % r]
+        if chunk_t0 is None:
+            self._compress_step(a, z, positions, kv_f, score_f, rows, norm, r, omega, finish)
+        else:
+            self._compress_chunk(a, z, chunk_t0, kv_f, score_f, rows, norm, r, omega, finish)
+
+    def _pool(self, kv, score, norm, starts, omega, finish):
+        """Per-channel softmax pooling of candidate rows [n_w, cand, c] -> finished rows [n_w, c]."""
+        pooled = (torch.softmax(score, 1) * kv).sum(1)
+        return finish(apply_rope(rms_norm(pooled, norm, self.config.norm_eps), starts, omega))
+
+    def _compress_step(self, a, z, pos, kv_f, score_f, rows, norm, r, omega, finish):
+        """One token, graph-safe: always pool, write the row only where the window completes."""
+        ov = r == OVERLAP_RATIO
+        width = norm.shape[0]
+        slot = pos % r + (r if ov else 0)
+        kv_f.index_copy_(0, slot, a)
+        score_f.index_copy_(0, slot, z)
+        if ov:
+            kv = torch.cat([kv_f[:r, :width], kv_f[r:, width:]])
+            score = torch.cat([score_f[:r, :width], score_f[r:, width:]])
+        else:
+            kv, score = kv_f, score_f
+        # A window still holding -inf scores pools to NaN; that row is never written.
+        row = self._pool(kv[None], score[None], norm, pos + 1 - r, omega, finish)     # [1, c]
+        emit = ((pos + 1) % r == 0)[:, None]                                   # [1, 1]
+        idx = ((pos + 1) // r - 1).clamp_min(0)
+        rows.index_copy_(0, idx, torch.where(emit, row, rows.index_select(0, idx)))
+        if ov:
+            kv_f[:r].copy_(torch.where(emit, kv_f[r:], kv_f[:r]))
+            score_f[:r].copy_(torch.where(emit, score_f[r:], score_f[:r]))
+
+    def _compress_chunk(self, a, z, t0, kv_f, score_f, rows, norm, r, omega, finish):
+        """T tokens at once with host positions; the frontier ends as the per-token loop leaves it."""
+        ov = r == OVERLAP_RATIO
+        width, t_end, dev = norm.shape[0], t0 + a.shape[0], a.device
+        ws = t0 - t0 % r
+        base = ws - (r if ov else 0)
+        # Positions base..t0-1 live in the frontier: previous window in slots 0..r-1 (r = 4),
+        # the current partial window in slots (r +) p mod r.
+        pre = (list(range(r)) if ov else []) + [(r if ov else 0) + j for j in range(t0 - ws)]
+        pre_t = torch.tensor(pre, dtype=torch.int64, device=dev)
+        seq_kv = torch.cat([kv_f[pre_t], a])
+        seq_sc = torch.cat([score_f[pre_t], z])
+        ends = [e for e in range(t0, t_end) if (e + 1) % r == 0]
+        if ends:
+            starts = torch.tensor([e + 1 - r for e in ends], dtype=torch.int64, device=dev)
+            idx = (starts - base)[:, None] + torch.arange(r, device=dev)[None, :]        # [n_w, r]
+            if ov:
+                kv = torch.cat([seq_kv[idx - r][..., :width], seq_kv[idx][..., width:]], 1)
+                sc = torch.cat([seq_sc[idx - r][..., :width], seq_sc[idx][..., width:]], 1)
+            else:
+                kv, sc = seq_kv[idx], seq_sc[idx]
+            first = (ends[0] + 1) // r - 1
+            rows[first:first + len(ends)] = self._pool(kv, sc, norm, starts, omega, finish)
+            if ov:
+                last = torch.arange(ends[-1] + 1 - r, ends[-1] + 1, device=dev) - base
+                kv_f[:r] = seq_kv[last]
+                score_f[:r] = seq_sc[last]
+        for p in range(max(t0, t_end - r), t_end):
+            slot = p % r + (r if ov else 0)
+            kv_f[slot] = seq_kv[p - base]
+            score_f[slot] = seq_sc[p - base]
+
+    # ---- MoE (model.md §2.6) ----------------------------------------------------------
+    def route(self, x, tokens, layer: Layer, topk: Callable):
+        c, w = self.config, layer.w
+        scores = torch.sqrt(F.softplus(self.proj(w["gate"], x)))              # [T, E]
+        if layer.is_hash:
+            sel = w["tid2eid"][tokens]
+        else:
+            sel = topk(scores + w["gate_bias"], c.n_activated_experts)
+        wts = scores.gather(1, sel)
+        if c.norm_topk_prob:
+            wts = wts / wts.sum(-1, keepdim=True).clamp_min(ROUTE_SUM_FLOOR)
+        return sel, wts * c.route_scale
+
+    def shared(self, x, layer: Layer):
+        w = layer.w
+        mid = swiglu(self.proj(w["shared_w1"], x), self.proj(w["shared_w3"], x), layer.swiglu_limit)
+        return self.proj(w["shared_w2"], mid)
+
+    def moe_step(self, x, tokens, layer: Layer):
+        """Decode: the K selected experts through the expert mat-vec, no host sync."""
+        w = layer.w
+        sel, wts = self.route(x, tokens, layer, stable_topk)
+        ids = sel[0].to(torch.int32)
+        xs = x.expand(ids.shape[0], -1).contiguous()                          # [K, D]
+        g = self.ops.expert_matvec(w["w1"], ids, xs)
+        u = self.ops.expert_matvec(w["w3"], ids, xs)
+        mid = (swiglu(g, u, layer.swiglu_limit) * wts[0][:, None]).contiguous()
+        return self.ops.expert_matvec(w["w2"], ids, mid).sum(0, keepdim=True) + self.shared(x, layer)
+
+    def moe_chunk(self, x, tokens, layer: Layer):
+        """Prefill: (token, slot) pairs grouped by expert, one dequantised expert at a time."""
+        w = layer.w
+        sel, wts = self.route(x, tokens, layer, sort_topk)
+        out = torch.zeros_like(x)
+        flat = sel.flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.config.n_routed_experts).tolist()
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            pairs = order[start:start + n]
+            start += n
+            rows, slot = pairs // sel.shape[1], pairs % sel.shape[1]
+            h = x[rows]
+            e_t = torch.tensor([e], device=x.device)
+            w1, w3, w2 = (dequantize_planar(select_experts(w[f], e_t))[0] for f in ("w1", "w3", "w2"))
+            mid = swiglu(h @ w1.T, h @ w3.T, layer.swiglu_limit) * wts[rows, slot, None]
+            out.index_add_(0, rows, mid @ w2.T)
+        return out + self.shared(x, layer)
