@@ -7,7 +7,8 @@ Contract:
   (`cache.enabled` False) with one warning; the caller keeps serving.
 - `cache.load(prompt_text, session) -> Hit | None` restores the longest
   checkpoint whose cache text is a byte prefix of `prompt_text` (§10.4). A file
-  that fails validation (header, SHA-1 of its text, CRC, payload, model id) is
+  that fails validation (header and text checksum, SHA-1 of the text, payload
+  checksum, model id) is
   skipped with a warning and the next candidate is tried; a corrupt one
   (truncated, CRC, token count) is deleted. If `session.restore` fails the
   session is reset and None is returned (the caller cold-prefills).
@@ -16,8 +17,8 @@ Contract:
   SHA-1 of `text`, atomically: `<sha>.kv.tmp.<pid>.<thread>`, fsync, rename,
   fsync of the directory. Then eviction (§10.7) with the new file protected.
 - `cache.tool_blocks(ids) -> {id: dsml}` scans the tool maps of all files (§10.5).
-- Pure policy helpers: `store_len`, `cold_boundary`, `cold_due`,
-  `ContinuedSchedule`, `save_stops`, `eviction_score`.
+- When to save (cold boundary, continued frontiers) and the eviction score are
+  pure functions in engine/diskcache_policy.py.
 Every directory operation holds an exclusive `flock` on DIR/.lock (and a
 thread lock), so two server processes sharing DIR never see half-written or
 half-deleted files; temp names carry the pid, so writers never collide.
@@ -40,10 +41,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dwarfstar.engine import diskcache_format as fmt
+from dwarfstar.engine.diskcache_policy import eviction_score
 
 log = logging.getLogger("ds4.diskcache")
 
-HALF_LIFE_S = 21600
 LOCK_NAME = ".lock"
 _NAME = re.compile(r"^[0-9a-fA-F]{40}\.kv$")
 _TMP = re.compile(r"^[0-9a-fA-F]{40}\.kv\.tmp\.(\d+)\.\d+$")
@@ -87,74 +88,6 @@ class Hit:
     flags: int
     reason: str
     tool_map: dict[str, str]
-
-
-def store_len(n: int, trim: int, align: int, min_tokens: int) -> int:
-    """`n - trim` aligned down to `align`, if that is still >= min; else n (§10.6)."""
-    k = n - trim
-    if align > 0:
-        k = k // align * align
-    return k if k >= min_tokens else n
-
-
-def cold_boundary(tokens: list[int], user_id: int, assistant_id: int, min_tokens: int,
-                  trim: int, align: int) -> int:
-    """Where a cold checkpoint ends: the last User token before the first Assistant
-    token (the shared system/tools prefix of agent prompts) if that is >= min,
-    else the trimmed, aligned length."""
-    first_assistant = tokens.index(assistant_id) if assistant_id in tokens else len(tokens)
-    users = [i for i in range(first_assistant) if tokens[i] == user_id]
-    if users and users[-1] >= min_tokens:
-        return users[-1]
-    return store_len(len(tokens), trim, align, min_tokens)
-
-
-def cold_due(cached: int, n_prompt: int, min_tokens: int, cold_max: int) -> bool:
-    return cached == 0 and cold_max > 0 and min_tokens <= n_prompt <= cold_max
-
-
-class ContinuedSchedule:
-    """Continued-save frontiers: multiples of `step` = ceil(interval/align)·align
-    that are >= min and beyond the last continued or cold save."""
-
-    def __init__(self, interval: int, align: int, min_tokens: int):
-        self.step = (math.ceil(interval / align) * align if align > 0 else interval) if interval > 0 else 0
-        self.min_tokens = min_tokens
-        self.last = 0
-
-    def reset(self, at: int = 0) -> None:
-        self.last = at
-
-    def mark(self, n: int) -> None:
-        self.last = max(self.last, n)
-
-    def due(self, n: int) -> bool:
-        return self.step > 0 and n % self.step == 0 and n >= self.min_tokens and n > self.last
-
-    def frontiers(self, start: int, end: int) -> list[int]:
-        """Due frontiers in (start, end]."""
-        if self.step == 0:
-            return []
-        first = (max(start, self.last) // self.step + 1) * self.step
-        return [n for n in range(first, end + 1, self.step) if self.due(n)]
-
-
-def save_stops(start: int, end: int, cold: int | None, schedule: ContinuedSchedule) -> list[tuple[int, str]]:
-    """Positions in (start, end] where prefill must pause to save, with the reason;
-    a continued frontier that coincides with the cold boundary is suppressed."""
-    stops = {n: "continued" for n in schedule.frontiers(start, end)}
-    if cold is not None and start < cold <= end:
-        stops[cold] = "cold"
-    return sorted(stops.items())
-
-
-def eviction_score(header: fmt.Header, size: int, now: float) -> float:
-    stamp = header.last_used or header.created
-    hits = 0.0
-    if stamp:
-        hits = header.hits * 2.0 ** (-(now - stamp) / HALF_LIFE_S)
-        hits = hits if hits >= 0.01 else 0.0
-    return (hits + 1.0) * header.n_tokens / max(size, 1)
 
 
 def text_sha(text: bytes) -> str:
@@ -224,7 +157,9 @@ class DiskCache:
 
     # ---- listing -------------------------------------------------------------------------
     def entries(self) -> list[Entry]:
-        """Listed files (§10.2, §10.3): well-formed names with a valid header."""
+        """Listed files (§10.2, §10.3): well-formed names whose header and cache text
+        pass the checksum and whose text hashes to the name. Others are skipped
+        with one warning per file state."""
         out = []
         try:
             names = sorted(os.listdir(self.directory))
@@ -232,23 +167,34 @@ class DiskCache:
             self._disable(f"cannot list {self.directory}: {err}")
             return out
         for name in names:
-            if not _NAME.match(name):
-                continue
-            path = self.directory / name
-            try:
-                with open(path, "rb") as f:
-                    raw = f.read(fmt.HEADER_SIZE)
-                    size = os.fstat(f.fileno()).st_size
-            except OSError as err:
-                self._warn(path, f"unreadable: {err}")
-                continue
-            why: list[str] = []
-            header = fmt.parse_header(raw, size, why)
-            if header is None:
-                self._warn(path, why[0])
-                continue
-            out.append(Entry(path, name[:40].lower(), header, size))
+            if _NAME.match(name):
+                entry = self._entry(self.directory / name)
+                if entry is not None:
+                    out.append(entry)
         return out
+
+    def _entry(self, path: Path) -> Entry | None:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(fmt.HEADER_SIZE)
+                size = os.fstat(f.fileno()).st_size
+                why: list[str] = []
+                header = fmt.parse_header(raw, size, why)
+                if header is None:
+                    self._warn(path, why[0])
+                    return None
+                text = f.read(header.text_len)
+        except OSError as err:
+            self._warn(path, f"unreadable: {err}")
+            return None
+        if not fmt.check_head(header, raw, text):
+            self._warn(path, "header checksum mismatch (corrupt, or not written by dwarfstar)")
+            return None
+        sha = path.name[:40].lower()
+        if text_sha(text) != sha:
+            self._warn(path, "cache text does not hash to the file name")
+            return None
+        return Entry(path, sha, header, size)
 
     # ---- lookup and load (§10.4) ---------------------------------------------------------
     def load(self, prompt_text: str, session) -> Hit | None:
@@ -271,7 +217,7 @@ class DiskCache:
                  and not (o.reject_different_quant and e.header.quant_bits != o.quant_bits)]
         return sorted(found, key=lambda e: (-e.header.text_len, -e.header.n_tokens))
 
-    def _read_checked(self, entry: Entry, expect_text: bytes | None) -> tuple[bytes, bytes] | None:
+    def _read_checked(self, entry: Entry, expect_text: bytes) -> tuple[bytes, bytes] | None:
         """(engine snapshot, trailer) of a fully validated file, else None (warned;
         corrupt files deleted)."""
         h = entry.header
@@ -281,21 +227,15 @@ class DiskCache:
         except OSError as err:
             self._warn(entry.path, f"unreadable: {err}")
             return None
-        if len(blob) < h.body_len:
-            self._delete(entry.path, "truncated")
-            return None
         text = blob[fmt.HEADER_SIZE:fmt.HEADER_SIZE + h.text_len]
-        payload = blob[fmt.HEADER_SIZE + h.text_len:h.body_len]
-        if text_sha(text) != entry.sha or (expect_text is not None and text != expect_text):
-            self._delete(entry.path, "cache text does not match the file name")
-            return None
-        if not fmt.check_body(h, blob[:fmt.HEADER_SIZE], text, payload):
-            self._delete(entry.path, "checksum mismatch (corrupt or not written by dwarfstar)")
+        # The file may have changed since the scan: check the head again.
+        if len(blob) < h.body_len or text != expect_text or not fmt.check_head(h, blob[:fmt.HEADER_SIZE], text):
+            self._delete(entry.path, "changed or truncated since the directory scan")
             return None
         why: list[str] = []
-        decoded = fmt.decode_payload(payload, why)
+        decoded = fmt.decode_payload(blob[fmt.HEADER_SIZE + h.text_len:h.body_len], why)
         if decoded is None:
-            self._warn(entry.path, why[0])
+            self._delete(entry.path, why[0])
             return None
         model_id, snapshot = decoded
         if model_id != self.options.model_id:
@@ -401,7 +341,7 @@ class DiskCache:
         An incompatible one is deleted (the caller then writes a new file)."""
         if not path.exists():
             return False
-        entry = next((e for e in self.entries() if e.path == path), None)
+        entry = self._entry(path)
         compatible = entry is not None and self._compatible(entry, raw)
         if not compatible:
             self._delete(path, "incompatible checkpoint with the same key is replaced")
@@ -430,11 +370,10 @@ class DiskCache:
             with open(entry.path, "rb") as f:
                 f.seek(fmt.HEADER_SIZE)
                 text = f.read(h.text_len)
-                head = f.read(min(h.payload_len, 12 + fmt.MODEL_ID_MAX))
+                head = f.read(min(h.payload_len, 16 + fmt.MODEL_ID_MAX))
         except OSError:
             return False
-        decoded = fmt.decode_payload(head)
-        return text == raw and decoded is not None and decoded[0] == o.model_id
+        return text == raw and fmt.payload_model_id(head) == o.model_id
 
     def _write_atomic(self, path: Path, chunks: list[bytes]) -> bool:
         tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}.{threading.get_ident()}")

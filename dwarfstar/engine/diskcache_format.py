@@ -17,22 +17,25 @@ Outer layout (little-endian; ds4's, kept byte for byte):
     52  cache text (T bytes; its SHA-1 names the file) | 52+T payload (P bytes)
     52+T+P  optional tool map: "KTM" | 1 | u32 n | n × (u32 id len, u32 DSML len, id, DSML)
 
-dwarfstar's use of the reserved u32 at offset 20: CRC32 (zlib) over every byte
-that never changes after the file is written: header bytes [0,6) + [7,12) +
-[16,20) + [24,32) + [40,52), the cache text and the payload. Excluded are the
-fields rewritten in place (flags byte 6, hit count, last used) and the tool-map
-trailer, which is replaced in place and read tolerantly. A flipped bit anywhere
-in the covered bytes makes the file fail validation; a ds4-written file (CRC 0)
-fails it too, which is how foreign files are rejected (the C payload is not
-readable by this engine anyway: server.md §10.3.1 [UNCERTAIN] decided "no").
+dwarfstar's use of the reserved u32 at offset 20: CRC32 (zlib) of the header
+bytes that never change after the file is written, [0,6) + [7,12) + [16,20) +
+[24,32) + [40,52), followed by the cache text. Excluded are the fields rewritten
+in place (flags byte 6, hit count, last used) and the tool-map trailer, which is
+replaced in place and read tolerantly. Every directory scan checks it (it costs
+52 + T bytes per file), so a flipped header or text byte is reported as soon as
+the file is seen. A ds4-written file has 0 there and fails the check: that is
+how foreign files are rejected (server.md §10.3.1 [UNCERTAIN] decided: the C
+payload is not read by this engine).
 
 Payload (P bytes) = dwarfstar session payload, version 1:
 
-    0 "DWKP" | 4 u32 version 1 | 8 u32 model id bytes M | 12 model id (UTF-8) | 12+M engine snapshot
+    0 "DWKP" | 4 u32 version 1 | 8 u32 CRC32 of bytes [12, P) | 12 u32 model id bytes M
+    16 model id (UTF-8) | 16+M engine snapshot
 
-The model id names the weights the KV was computed with (diskcache.model_id);
-a checkpoint of another model is never restored. The engine snapshot is
-`session.snapshot()` (engine/kv.py), identical for every backend.
+The payload CRC is checked when the file is loaded. The model id names the
+weights the KV was computed with (diskcache.model_id): a checkpoint of another
+model is never restored. The engine snapshot is `session.snapshot()`
+(engine/kv.py), identical for every backend.
 """
 
 from __future__ import annotations
@@ -122,26 +125,24 @@ def parse_header(raw: bytes, file_size: int, why: list[str] | None = None) -> He
     return None
 
 
-def body_crc(header_bytes: bytes, text: bytes, payload: bytes | None = None, crc: int = 0) -> int:
-    """CRC32 of the immutable header ranges, the text and (if given) the payload."""
+def head_crc(header_bytes: bytes, text: bytes) -> int:
+    """CRC32 of the immutable header ranges followed by the cache text."""
+    crc = 0
     for lo, hi in _CRC_RANGES:
         crc = zlib.crc32(header_bytes[lo:hi], crc)
-    crc = zlib.crc32(text, crc)
-    if payload is not None:
-        crc = zlib.crc32(payload, crc)
-    return crc
+    return zlib.crc32(text, crc)
 
 
 def build_header(*, quant_bits: int, reason: str, flags: int, n_tokens: int, ctx: int, now: int,
                  text: bytes, payload: bytes) -> Header:
     """A complete header for a new file, CRC filled in."""
     header = Header(quant_bits, REASONS[reason], flags, n_tokens, 0, ctx, 0, now, now, len(payload), len(text))
-    header.crc = body_crc(header.pack(), text, payload)
+    header.crc = head_crc(header.pack(), text)
     return header
 
 
-def check_body(header: Header, header_bytes: bytes, text: bytes, payload: bytes) -> bool:
-    return body_crc(header_bytes, text, payload) == header.crc
+def check_head(header: Header, header_bytes: bytes, text: bytes) -> bool:
+    return head_crc(header_bytes, text) == header.crc
 
 
 def usage_fields(hits: int, last_used: int) -> list[tuple[int, bytes]]:
@@ -155,21 +156,36 @@ def flags_field(flags: int) -> tuple[int, bytes]:
 
 def encode_payload(model_id: str, snapshot: bytes) -> bytes:
     mid = model_id.encode()
-    return PAYLOAD_MAGIC + struct.pack("<II", PAYLOAD_VERSION, len(mid)) + mid + snapshot
+    body = struct.pack("<I", len(mid)) + mid
+    crc = zlib.crc32(snapshot, zlib.crc32(body))
+    return PAYLOAD_MAGIC + struct.pack("<II", PAYLOAD_VERSION, crc) + body + snapshot
+
+
+def payload_model_id(head: bytes) -> str | None:
+    """The model id from the first bytes of a payload (no CRC check), or None."""
+    if len(head) < 16 or head[:4] != PAYLOAD_MAGIC:
+        return None
+    (n,) = struct.unpack_from("<I", head, 12)
+    if n > MODEL_ID_MAX or 16 + n > len(head):
+        return None
+    return head[16:16 + n].decode(errors="replace")
 
 
 def decode_payload(payload: bytes, why: list[str] | None = None) -> tuple[str, bytes] | None:
-    """(model id, engine snapshot) or None."""
+    """(model id, engine snapshot) of a payload whose CRC checks out, or None."""
     why = why if why is not None else []
-    if len(payload) < 12 or payload[:4] != PAYLOAD_MAGIC:
+    if len(payload) < 16 or payload[:4] != PAYLOAD_MAGIC:
         why.append("payload is not a dwarfstar session payload")
         return None
-    version, n = struct.unpack_from("<II", payload, 4)
-    if version != PAYLOAD_VERSION or n > MODEL_ID_MAX or 12 + n > len(payload):
+    version, crc, n = struct.unpack_from("<III", payload, 4)
+    if version != PAYLOAD_VERSION or n > MODEL_ID_MAX or 16 + n > len(payload):
         why.append(f"payload version {version} or model id length {n} invalid")
         return None
+    if zlib.crc32(payload[12:]) != crc:
+        why.append("payload checksum mismatch")
+        return None
     try:
-        return payload[12:12 + n].decode(), payload[12 + n:]
+        return payload[16:16 + n].decode(), payload[16 + n:]
     except UnicodeDecodeError:
         why.append("model id is not UTF-8")
         return None

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dwarfstar.engine import diskcache_format as fmt
-from dwarfstar.engine.diskcache import (ContinuedSchedule, cold_boundary, cold_due, eviction_score,
-                                        save_stops, store_len)
+from dwarfstar.engine.diskcache_policy import (ContinuedSchedule, cold_boundary, cold_due, eviction_score,
+                                               save_stops, store_len)
 
 
 def _header(**kw) -> fmt.Header:
@@ -61,33 +61,38 @@ def test_header_rejections_name_the_reason():
     assert fmt.parse_header(bytes(odd), 10_000).reason == 0
 
 
-def test_crc_covers_immutable_bytes_only():
+def test_head_crc_covers_immutable_header_bytes_and_the_text():
     text, payload = b"cache text", b"payload bytes" * 3
     h = _header(text=text, payload=payload)
     raw = h.pack()
-    # Independent recomputation: header minus bytes 6 and [12,16) and [32,40) and [20,24).
+    # Independent recomputation: the header minus byte 6, [12,16), [20,24) and [32,40).
     covered = raw[0:6] + raw[7:12] + raw[16:20] + raw[24:32] + raw[40:52]
-    assert h.crc == zlib.crc32(covered + text + payload)
-    assert fmt.check_body(h, raw, text, payload)
+    assert h.crc == zlib.crc32(covered + text)
+    assert fmt.check_head(h, raw, text)
     for offset in [i for i in range(52) if not (i == 6 or 12 <= i < 16 or 20 <= i < 24 or 32 <= i < 40)]:
         bad = bytearray(raw)
         bad[offset] ^= 0x10
-        assert not fmt.check_body(h, bytes(bad), text, payload), offset
+        assert not fmt.check_head(h, bytes(bad), text), offset
     for offset in (6, 12, 33):
         changed = bytearray(raw)
         changed[offset] ^= 0x01
-        assert fmt.check_body(h, bytes(changed), text, payload)
-    assert not fmt.check_body(h, raw, text, payload[:-1] + b"X")
-    assert not fmt.check_body(h, raw, b"cache texT", payload)
+        assert fmt.check_head(h, bytes(changed), text)
+    assert not fmt.check_head(h, raw, b"cache texT")
 
 
-def test_payload_envelope_round_trip_and_rejects():
+def test_payload_envelope_round_trip_crc_and_rejects():
     blob = fmt.encode_payload("model-A", b"\x00snapshot")
-    assert blob[:4] == b"DWKP" and struct.unpack_from("<II", blob, 4) == (1, 7)
+    assert blob[:4] == b"DWKP" and struct.unpack_from("<I", blob, 4) == (1,)
+    assert struct.unpack_from("<I", blob, 8) == (zlib.crc32(blob[12:]),)
+    assert struct.unpack_from("<I", blob, 12) == (7,) and blob[16:23] == b"model-A"
     assert fmt.decode_payload(blob) == ("model-A", b"\x00snapshot")
+    assert fmt.payload_model_id(blob[:30]) == "model-A"
+    for i in range(len(blob)):
+        flipped = bytearray(blob)
+        flipped[i] ^= 0x40
+        assert fmt.decode_payload(bytes(flipped)) is None, i
     why: list[str] = []
-    assert fmt.decode_payload(b"DWSTATE\0....", why) is None and why
-    assert fmt.decode_payload(blob[:4] + struct.pack("<II", 1, 99) + b"x") is None
+    assert fmt.decode_payload(b"DWSTATE\0........", why) is None and why
 
 
 def test_tool_map_round_trip_and_reader_limits():

@@ -11,49 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import multiprocessing
 import os
 import struct
 
-import pytest
 import torch
 
 from dwarfstar.engine.diskcache import CacheOptions, DiskCache
 
-MODEL = "model-under-test"
-
-
-class FakeSession:
-    """Token list + a deterministic 'state' derived from it; counts snapshots."""
-
-    def __init__(self, tokens=(), pad: int = 0):
-        self.state = list(tokens)
-        self.pad = pad
-        self.n_snapshots = 0
-
-    @property
-    def tokens(self):
-        return list(self.state)
-
-    def snapshot(self) -> bytes:
-        self.n_snapshots += 1
-        return json.dumps(self.state).encode() + b"\0" * self.pad
-
-    def restore(self, blob: bytes) -> None:
-        self.state = json.loads(blob.rstrip(b"\0"))
-
-    def reset(self) -> None:
-        self.state = []
-
-
-def opts(tmp_path, **kw) -> CacheOptions:
-    base = dict(directory=str(tmp_path / "kv"), model_id=MODEL, ctx=4096, min_tokens=4, cold_max_tokens=100,
-                space_mb=1)
-    base.update(kw)
-    return CacheOptions(**base)
-
+from .diskcache_fakes import MODEL, FakeSession, opts
 
 def sha(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
