@@ -39,31 +39,8 @@ def think_max_warning(mode: str, ctx: int, name: str = "--think-max") -> str | N
 
 
 def plain_bpe(tokenizer, text: str) -> list[int]:
-    """BPE ids of `text` with no added-token recognition (cli.md §2.3).
-
-    `Tokenizer.encode` matches added tokens anywhere. Text without any added-token
-    string encodes identically both ways, so only text that contains one (rare: a user
-    typing `<think>`) needs the byte-level pre-tokenizer and BPE model directly.
-    """
-    if hasattr(tokenizer, "encode_plain"):
-        return list(tokenizer.encode_plain(text))
-    if not any(s in text for s in _added_strings(tokenizer)):
-        return list(tokenizer.encode(text))
-    # Workaround until text/tokenizer.py exposes plain encoding: run the same
-    # `tokenizers` pipeline minus the added-token pass.
-    hf = tokenizer._hf
-    ids: list[int] = []
-    for piece, _ in hf.pre_tokenizer.pre_tokenize_str(text):
-        ids.extend(t.id for t in hf.model.tokenize(piece))
-    return ids
-
-
-def _added_strings(tokenizer) -> list[str]:
-    cached = getattr(tokenizer, "_cli_added_strings", None)
-    if cached is None:
-        cached = [tokenizer.token_string(i) for i in range(tokenizer.vocab_size) if tokenizer.is_added(i)]
-        tokenizer._cli_added_strings = cached
-    return cached
+    """BPE ids of `text` with no added-token recognition (cli.md §2.3)."""
+    return list(tokenizer.encode_plain(text))
 
 
 def is_rendered(prompt: str) -> bool:

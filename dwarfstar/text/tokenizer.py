@@ -112,6 +112,19 @@ class Tokenizer:
             text = _SURROGATE.sub("\ufffd", text)
         return self._hf.encode(text, add_special_tokens=False).ids
 
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of `text` by byte-level BPE alone: added-token strings are NOT recognised.
+
+        ds4's CLI tokenises the system and user text this way (cli.md §2.3), so a user who
+        types `<think>` gets the characters, not the control token.
+        """
+        if _SURROGATE.search(text):
+            text = _SURROGATE.sub("\ufffd", text)
+        ids: list[int] = []
+        for piece, _ in self._hf.pre_tokenizer.pre_tokenize_str(text):
+            ids.extend(t.id for t in self._hf.model.tokenize(piece))
+        return ids
+
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`: their bytes joined, invalid UTF-8 replaced by U+FFFD."""
         return b"".join(self._bytes[i] for i in ids).decode("utf-8", errors="replace")

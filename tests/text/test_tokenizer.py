@@ -174,3 +174,19 @@ def test_bad_metadata_is_refused():
     types[-1] = vocab.TOKEN_USER_DEFINED
     with pytest.raises(ValueError, match="substring"):
         Tokenizer.from_metadata(dict(meta, **{"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types}))
+
+
+@pytest.mark.parametrize("text", [
+    "Hello <think> world </think>!",
+    "<｜User｜>typed by a user<｜Assistant｜>",
+    "｜DSML｜ and <｜begin▁of▁sentence｜> as plain characters",
+    "no added tokens at all, 123 456",
+])
+def test_encode_plain_ignores_added_tokens(real_tokenizer, oracle, text):
+    # Oracle: the release tokenizer.json's own pre-tokenizer and BPE model, with its added-token
+    # pass skipped; every id must be a base-vocabulary id (< 128000, gguf.md §7.2).
+    want = [t.id for piece, _ in oracle.pre_tokenizer.pre_tokenize_str(text) for t in oracle.model.tokenize(piece)]
+    got = real_tokenizer.encode_plain(text)
+    assert got == want
+    assert real_tokenizer.decode(got) == text
+    assert all(i < 128000 for i in got)
