@@ -1,0 +1,357 @@
+"""Routed-MoE decode: gate/up mat-vecs + clamped SwiGLU of the selected experts, then the
+weighted down mat-vec summed over them (model.md §2.6), for B tokens with K experts each.
+
+Dims: B tokens, K experts per token, E experts, D hidden (expert input), F expert width,
+KB = inputs / 256 super-blocks per row.
+
+Contract:
+- `moe_gate_up(gate, up, x, ids, weights, limit)`: gate/up planar [E, F, D] of one format
+  (IQ2_XXS, Q2_K or Q4_K), x float32 [B, D], ids int32 [B, K], weights float32 [B, K] ->
+  mid float32 [B, K, F] = weights[b, k] * silu(min(g, limit)) * clamp(v, -limit, limit),
+  g = W_gate[ids[b, k]] x_q[b], v = W_up[ids[b, k]] x_q[b]; no clamp when limit <= 0.
+- `moe_down(down, mid, ids)`: down planar [E, D, F], mid float32 [B, K, F] ->
+  y float32 [B, D] = sum_k W_down[ids[b, k]] mid_q[b, k].
+- `moe_decode(...)` = moe_down(moe_gate_up(...)). All take an optional preallocated `out`
+  (static addresses for CUDA graphs), never sync, read only the selected experts.
+- Activations are quantised inside the kernel (each program redoes it for its own slice,
+  cheaper than another launch): per 32 inputs, amax = max |a|, q = rint(a * (127 / amax)),
+  scale = amax / 127 (0 when amax = 0), both divisions correctly rounded. `a_q` above is
+  q * scale. The twins quantise identically and then work in float64, so kernel and twin
+  differ by fp32 rounding only; both differ from the unquantised product by the int8
+  rounding of the activations (~0.5 % relative, kernels.md §7: <= 2e-2).
+
+Decoders (why this is fast): each program owns BLOCK_N rows of one expert and walks the
+input one 256-element super-block at a time. A super-block's bytes are loaded once as
+vectors ([BN, 16|32] int32 words) and expanded with shifts and reshapes into int32 words of
+four int8 weights that line up with four consecutive activations, then multiplied with
+`dp4a` (USE_ASM) or its plain-integer twin (the interpreter). No per-element div/mod.
+- IQ2_XXS: one 8-byte gather per octet from a 2 KB int64 grid table (each byte one grid
+  value 8/25/43); signs come from the 7 stored bits + parity, spread to byte masks by a
+  multiply (bit i -> byte i), applied as (g ^ 0xFF..) + 1 per negative byte (never carries:
+  ~43 + 1 < 256).
+- Q2_K: byte 32h + l holds elements 128h + 32s + l in bit pair s, so (word >> 2s) & 0x03..
+  is four consecutive codes; Q4_K: (word >> 4n) & 0x0F.. likewise. Mins use the per-16/32
+  sums of the quantised activations.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from gguf.quants import IQ2_XXS
+
+from dwarfstar.kernels.repack import (
+    Planar, PlanarIQ2XXS, PlanarQ2K, PlanarQ4K, dequantize_planar, select_experts,
+)
+from dwarfstar.shape import QK_K
+
+# Activation quantisation block (one int8 scale per 32 inputs).
+QBLOCK = 32
+FMT = {PlanarIQ2XXS: 1, PlanarQ2K: 2, PlanarQ4K: 3}
+# Defaults; bench/moe_bench.py sweeps (block_n, num_warps) on the device.
+GATE_UP_BLOCK_N = 8
+DOWN_BLOCK_N = 8
+NUM_WARPS = 4
+
+
+def quantize_act_ref(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 [..., n] -> (q float32 integers in [-127, 127] [..., n], scale [..., n/32])."""
+    ab = a.float().reshape(*a.shape[:-1], -1, QBLOCK)
+    amax = ab.abs().amax(-1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(ab * inv[..., None])  # round half to even, as the kernel's rint
+    return q.reshape(a.shape), amax / 127.0
+
+
+def _dequantized_act(a: torch.Tensor) -> torch.Tensor:
+    """float64 [..., n]: the activations the kernels actually multiply (q * scale)."""
+    q, s = quantize_act_ref(a)
+    return (q.double().reshape(*s.shape, QBLOCK) * s.double()[..., None]).reshape(a.shape)
+
+
+def _clamped_swiglu(g: torch.Tensor, v: torch.Tensor, limit: float) -> torch.Tensor:
+    if limit > 0:
+        g, v = g.clamp(max=limit), v.clamp(-limit, limit)
+    return g * torch.sigmoid(g) * v
+
+
+def moe_gate_up_ref(gate: Planar, up: Planar, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                    limit: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Twin of `moe_gate_up`: dequantise the selected experts, float64 products."""
+    n_tok, k = ids.shape
+    flat = ids.reshape(-1)
+    xq = _dequantized_act(x).repeat_interleave(k, dim=0)  # [B*K, D]
+    g = torch.einsum("sfd,sd->sf", dequantize_planar(select_experts(gate, flat)).double(), xq)
+    v = torch.einsum("sfd,sd->sf", dequantize_planar(select_experts(up, flat)).double(), xq)
+    mid = weights.double().reshape(-1, 1) * _clamped_swiglu(g, v, limit)
+    mid = mid.float().reshape(n_tok, k, -1)  # [B, K, F]
+    return mid if out is None else out.copy_(mid)
+
+
+def moe_down_ref(down: Planar, mid: torch.Tensor, ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Twin of `moe_down`: sum over k of the selected experts' products, float64."""
+    n_tok, k, f = mid.shape
+    w = dequantize_planar(select_experts(down, ids.reshape(-1))).double()  # [B*K, D, F]
+    y = torch.einsum("sdf,sf->sd", w, _dequantized_act(mid).reshape(-1, f))
+    y = y.reshape(n_tok, k, -1).sum(1).float()  # [B, D]
+    return y if out is None else out.copy_(y)
+
+
+def moe_decode_ref(gate, up, down, x, ids, weights, limit):
+    return moe_down_ref(down, moe_gate_up_ref(gate, up, x, ids, weights, limit), ids)
+
+
+@functools.lru_cache(maxsize=None)
+def iq2xxs_grid64(device: str) -> torch.Tensor:
+    """int64 [256]: grid row a as 8 bytes (element t in byte t), from gguf-py's table."""
+    IQ2_XXS.init_grid()
+    g = np.ascontiguousarray(IQ2_XXS.grid.reshape(256, 8), dtype=np.uint8)
+    return torch.from_numpy(g.view(np.int64).reshape(256).copy()).to(device)
+
+
+@triton.jit
+def _dp4a(a, b, c, USE_ASM: tl.constexpr):
+    """c + sum over the four bytes of a * b, bytes read as signed int8 (int32 tensors)."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            "dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+            dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        acc = c
+        for i in tl.static_range(4):
+            acc += ((a << (24 - 8 * i)) >> 24) * ((b << (24 - 8 * i)) >> 24)
+        return acc
+
+
+@triton.jit
+def _quantize_block(a_ptr):
+    """One super-block of activations -> (words int32 [64], scale fp32 [8], q int32 [256]).
+
+    Word w packs q[4w..4w+3], q[4w] in the low byte.
+    """
+    a = tl.reshape(tl.load(a_ptr + tl.arange(0, 256)), [8, 32])
+    amax = tl.max(tl.abs(a), axis=1)
+    safe = tl.where(amax > 0, amax, 1.0)
+    inv = tl.where(amax > 0, tl.div_rn(tl.full([8], 127.0, tl.float32), safe), 0.0)
+    scale = tl.div_rn(amax, tl.full([8], 127.0, tl.float32))
+    # rint by the 1.5 * 2**23 trick: exact round-half-even for |v| <= 127.
+    v = a * inv[:, None]
+    q = ((v + 12582912.0) - 12582912.0).to(tl.int32)
+    q = tl.reshape(q, [256])
+    shift = 8 * (tl.arange(0, 4))
+    words = tl.sum((tl.reshape(q, [64, 4]) & 255) << shift[None, :], axis=1)
+    return words, scale, q
+
+
+@triton.jit
+def _sb_iq2_xxs(w_ptr, d_ptr, grid_ptr, rows, kb, KB, mask_n, words, scale, USE_ASM: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """fp32 [BN]: dot of one IQ2_XXS super-block of BN rows with the quantised activations."""
+    base = (rows * KB + kb) * 16
+    wv = tl.load(w_ptr + base[:, None] + tl.arange(0, 16)[None, :], mask=mask_n[:, None], other=0)
+    gw, sw = tl.split(tl.reshape(wv, [BLOCK_N, 8, 2]))  # [BN, 8] grid / sign+scale words
+    octet = tl.arange(0, 4)[None, None, :]
+    gi = (gw[:, :, None] >> (8 * octet)) & 255  # [BN, 8, 4]
+    g8 = tl.load(grid_ptr + gi)  # int64: the octet's 8 grid bytes
+    lo = g8.to(tl.int32)
+    hi = (g8 >> 32).to(tl.int32)
+    si = (sw[:, :, None] >> (7 * octet)) & 127
+    par = si ^ (si >> 4)
+    par = par ^ (par >> 2)
+    s8 = si | (((par ^ (par >> 1)) & 1) << 7)
+    # bit i of a nibble -> byte i (0 or 1); no two partial products overlap
+    m_lo = ((s8 & 15) * 0x00204081) & 0x01010101
+    m_hi = ((s8 >> 4) * 0x00204081) & 0x01010101
+    lo = (lo ^ ((m_lo << 8) - m_lo)) + m_lo
+    hi = (hi ^ ((m_hi << 8) - m_hi)) + m_hi
+    x_lo, x_hi = tl.split(tl.reshape(words, [8, 4, 2]))  # [8, 4]
+    isum = _dp4a(lo, x_lo[None, :, :], tl.zeros_like(lo), USE_ASM)
+    isum = tl.sum(_dp4a(hi, x_hi[None, :, :], isum, USE_ASM), axis=2)  # [BN, 8] per group of 32
+    d = tl.load(d_ptr + rows * KB + kb, mask=mask_n, other=0).to(tl.float32)
+    db = d[:, None] * (0.5 + ((sw >> 28) & 15).to(tl.float32)) * 0.25
+    return tl.sum(isum.to(tl.float32) * db * scale[None, :], axis=1)
+
+
+@triton.jit
+def _sb_q2_k(qs_ptr, sc_ptr, dm_ptr, rows, kb, KB, mask_n, words, scale, q, USE_ASM: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    """fp32 [BN]: dot of one Q2_K super-block (qs as int32 words) with the activations."""
+    rb = rows * KB + kb
+    wv = tl.load(qs_ptr + rb[:, None] * 16 + tl.arange(0, 16)[None, :], mask=mask_n[:, None], other=0)
+    shift = 2 * tl.arange(0, 4)[None, None, :, None]
+    codes = (tl.reshape(wv, [BLOCK_N, 2, 1, 8]) >> shift) & 0x03030303  # [BN, 2, 4, 8] = (h, s, w)
+    x = tl.reshape(words, [2, 4, 8])
+    isum = _dp4a(codes, x[None, :, :, :], tl.zeros_like(codes), USE_ASM)
+    isum = tl.sum(tl.reshape(isum, [BLOCK_N, 16, 4]), axis=2)  # [BN, 16] per sub-block of 16
+    sc = tl.load(sc_ptr + rb[:, None] * 16 + tl.arange(0, 16)[None, :], mask=mask_n[:, None], other=0).to(tl.int32)
+    qsum = tl.sum(tl.reshape(q, [16, 16]), axis=1)  # [16] activation sums per sub-block
+    a = tl.sum(tl.reshape(isum * (sc & 15), [BLOCK_N, 8, 2]), axis=2)  # [BN, 8] per scale block
+    m = tl.sum(tl.reshape((sc >> 4) * qsum[None, :], [BLOCK_N, 8, 2]), axis=2)
+    d = tl.load(dm_ptr + rb * 2, mask=mask_n, other=0).to(tl.float32)
+    dmin = tl.load(dm_ptr + rb * 2 + 1, mask=mask_n, other=0).to(tl.float32)
+    a_f = tl.sum(a.to(tl.float32) * scale[None, :], axis=1)
+    m_f = tl.sum(m.to(tl.float32) * scale[None, :], axis=1)
+    return d * a_f - dmin * m_f
+
+
+@triton.jit
+def _sb_q4_k(qs_ptr, sc_ptr, mn_ptr, dm_ptr, rows, kb, KB, mask_n, words, scale, q, USE_ASM: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    """fp32 [BN]: dot of one Q4_K super-block (qs as int32 words) with the activations."""
+    rb = rows * KB + kb
+    wv = tl.load(qs_ptr + rb[:, None] * 32 + tl.arange(0, 32)[None, :], mask=mask_n[:, None], other=0)
+    shift = 4 * tl.arange(0, 2)[None, None, :, None]
+    codes = (tl.reshape(wv, [BLOCK_N, 4, 1, 8]) >> shift) & 0x0F0F0F0F  # [BN, 4, 2, 8] = (c, n, w)
+    x = tl.reshape(words, [4, 2, 8])
+    isum = tl.sum(_dp4a(codes, x[None, :, :, :], tl.zeros_like(codes), USE_ASM), axis=3)
+    isum = tl.reshape(isum, [BLOCK_N, 8])  # per sub-block of 32 = per activation scale
+    offs8 = rb[:, None] * 8 + tl.arange(0, 8)[None, :]
+    sc = tl.load(sc_ptr + offs8, mask=mask_n[:, None], other=0).to(tl.int32)
+    mn = tl.load(mn_ptr + offs8, mask=mask_n[:, None], other=0).to(tl.int32)
+    qsum = tl.sum(tl.reshape(q, [8, 32]), axis=1)
+    d = tl.load(dm_ptr + rb * 2, mask=mask_n, other=0).to(tl.float32)
+    dmin = tl.load(dm_ptr + rb * 2 + 1, mask=mask_n, other=0).to(tl.float32)
+    a_f = tl.sum((isum * sc).to(tl.float32) * scale[None, :], axis=1)
+    m_f = tl.sum((mn * qsum[None, :]).to(tl.float32) * scale[None, :], axis=1)
+    return d * a_f - dmin * m_f
+
+
+@triton.jit
+def _sb_dot(p0, p1, p2, p3, rows, kb, KB, mask_n, words, scale, q,
+            FMT: tl.constexpr, USE_ASM: tl.constexpr, BLOCK_N: tl.constexpr):
+    if FMT == 1:
+        return _sb_iq2_xxs(p0, p1, p2, rows, kb, KB, mask_n, words, scale, USE_ASM, BLOCK_N)
+    elif FMT == 2:
+        return _sb_q2_k(p0, p1, p2, rows, kb, KB, mask_n, words, scale, q, USE_ASM, BLOCK_N)
+    else:
+        return _sb_q4_k(p0, p1, p2, p3, rows, kb, KB, mask_n, words, scale, q, USE_ASM, BLOCK_N)
+
+
+@triton.jit
+def _moe_gate_up_kernel(
+    g0, g1, g2, g3, u0, u1, u2, u3, ids_ptr, wts_ptr, x_ptr, mid_ptr, F, D, limit,
+    FMT: tl.constexpr, K: tl.constexpr, HAS_LIMIT: tl.constexpr, USE_ASM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Program (i, s): rows i*BN.. of slot s = b*K + k, gate and up together + SwiGLU."""
+    pid_n = tl.program_id(0)
+    slot = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < F
+    e = tl.load(ids_ptr + slot).to(tl.int64)
+    # Global row in the stacked [E, F] weight; int64 because E*F*D exceeds 2**31.
+    rows = tl.where(mask_n, e * F + offs_n, 0)
+    KB = D // 256
+    x_row = x_ptr + (slot // K).to(tl.int64) * D
+    acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for kb in range(0, KB):
+        words, scale, q = _quantize_block(x_row + kb * 256)
+        acc_g += _sb_dot(g0, g1, g2, g3, rows, kb, KB, mask_n, words, scale, q, FMT, USE_ASM, BLOCK_N)
+        acc_u += _sb_dot(u0, u1, u2, u3, rows, kb, KB, mask_n, words, scale, q, FMT, USE_ASM, BLOCK_N)
+    if HAS_LIMIT:
+        acc_g = tl.minimum(acc_g, limit)
+        acc_u = tl.minimum(tl.maximum(acc_u, -limit), limit)
+    wt = tl.load(wts_ptr + slot)
+    mid = wt * (acc_g * tl.sigmoid(acc_g)) * acc_u
+    tl.store(mid_ptr + slot.to(tl.int64) * F + offs_n, mid, mask=mask_n)
+
+
+@triton.jit
+def _moe_down_kernel(
+    p0, p1, p2, p3, ids_ptr, mid_ptr, y_ptr, D, F,
+    FMT: tl.constexpr, K: tl.constexpr, USE_ASM: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Program (i, b): rows i*BN.. of token b, summed over its K experts."""
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < D
+    KB = F // 256
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k in range(0, K):
+        slot = b * K + k
+        e = tl.load(ids_ptr + slot).to(tl.int64)
+        rows = tl.where(mask_n, e * D + offs_n, 0)
+        m_row = mid_ptr + slot.to(tl.int64) * F
+        for kb in range(0, KB):
+            words, scale, q = _quantize_block(m_row + kb * 256)
+            acc += _sb_dot(p0, p1, p2, p3, rows, kb, KB, mask_n, words, scale, q, FMT, USE_ASM, BLOCK_N)
+    tl.store(y_ptr + b.to(tl.int64) * D + offs_n, acc, mask=mask_n)
+
+
+def _weight_args(w: Planar) -> tuple[torch.Tensor, ...]:
+    """The four pointer arguments of a decoder for this format (quant bytes as int32 words)."""
+    for t in w.__dataclass_fields__:
+        assert getattr(w, t).is_contiguous(), f"{type(w).__name__}.{t} must be contiguous"
+    assert len(w.shape) == 3 and w.shape[-1] % QK_K == 0, "expert weight [E, N, K], K a multiple of 256"
+    if isinstance(w, PlanarIQ2XXS):
+        assert w.words.dtype == torch.int32 and w.d.dtype == torch.float16
+        grid = iq2xxs_grid64(str(w.words.device))
+        return w.words, w.d, grid, grid
+    if isinstance(w, PlanarQ2K):
+        assert w.qs.dtype == torch.uint8 and w.sc.dtype == torch.uint8 and w.dm.dtype == torch.float16
+        return w.qs.view(torch.int32), w.sc, w.dm, w.dm
+    assert isinstance(w, PlanarQ4K), f"no MoE decoder for {type(w).__name__}"
+    assert w.qs.dtype == torch.uint8 and w.sc.dtype == torch.uint8 and w.dm.dtype == torch.float16
+    return w.qs.view(torch.int32), w.sc, w.mn, w.dm
+
+
+def _check_routing(ids: torch.Tensor, n_tok: int, device) -> int:
+    assert ids.dtype == torch.int32 and ids.is_contiguous() and ids.dim() == 2 and ids.shape[0] == n_tok, \
+        "ids: int32 [B, K] contiguous"
+    assert ids.device == device, "ids on the activations' device"
+    return ids.shape[1]
+
+
+def moe_gate_up(gate: Planar, up: Planar, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                limit: float, out: torch.Tensor | None = None, block_n: int = GATE_UP_BLOCK_N,
+                num_warps: int = NUM_WARPS, use_asm: bool | None = None) -> torch.Tensor:
+    """mid [B, K, F] (see the module contract). use_asm: dp4a asm (default on CUDA) or the
+    plain-integer path (diagnostic; same integers)."""
+    assert type(gate) is type(up) and gate.shape == up.shape, "gate and up: one format, one shape"
+    _, f, d = gate.shape
+    assert x.dtype == torch.float32 and x.is_contiguous() and x.dim() == 2 and x.shape[1] == d, \
+        "x: float32 [B, D] contiguous"
+    k = _check_routing(ids, x.shape[0], x.device)
+    assert weights.dtype == torch.float32 and weights.is_contiguous() and weights.shape == ids.shape, \
+        "weights: float32 [B, K] contiguous"
+    if out is None:
+        out = torch.empty(x.shape[0], k, f, dtype=torch.float32, device=x.device)
+    assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (x.shape[0], k, f)
+    grid = (triton.cdiv(f, block_n), x.shape[0] * k)
+    _moe_gate_up_kernel[grid](
+        *_weight_args(gate), *_weight_args(up), ids, weights, x, out, f, d, float(limit),
+        FMT=FMT[type(gate)], K=k, HAS_LIMIT=limit > 0, USE_ASM=x.is_cuda if use_asm is None else use_asm,
+        BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return out
+
+
+def moe_down(down: Planar, mid: torch.Tensor, ids: torch.Tensor, out: torch.Tensor | None = None,
+             block_n: int = DOWN_BLOCK_N, num_warps: int = NUM_WARPS, use_asm: bool | None = None) -> torch.Tensor:
+    """y [B, D] = sum_k W_down[ids[b, k]] mid[b, k]."""
+    _, d, f = down.shape
+    assert mid.dtype == torch.float32 and mid.is_contiguous() and mid.dim() == 3 and mid.shape[2] == f, \
+        "mid: float32 [B, K, F] contiguous"
+    k = _check_routing(ids, mid.shape[0], mid.device)
+    assert mid.shape[1] == k, "mid and ids disagree on K"
+    if out is None:
+        out = torch.empty(mid.shape[0], d, dtype=torch.float32, device=mid.device)
+    assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (mid.shape[0], d)
+    grid = (triton.cdiv(d, block_n), mid.shape[0])
+    _moe_down_kernel[grid](
+        *_weight_args(down), ids, mid, out, d, f,
+        FMT=FMT[type(down)], K=k, USE_ASM=mid.is_cuda if use_asm is None else use_asm, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return out
+
+
+def moe_decode(gate: Planar, up: Planar, down: Planar, x: torch.Tensor, ids: torch.Tensor,
+               weights: torch.Tensor, limit: float) -> torch.Tensor:
+    """Routed experts of B tokens: y [B, D] (two launches; mid [B, K, F] in between)."""
+    return moe_down(down, moe_gate_up(gate, up, x, ids, weights, limit), ids)
