@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from dwarfstar.engine.cuda_state import CudaDecodeState, CudaLayerState
+from dwarfstar.kernels.hc import hc_split, hc_split_ref
 from dwarfstar.kernels.matvec import MAX_COLS, expert_matvec, expert_matvec_ref, matvec, matvec_ref
 from dwarfstar.kernels.repack import Planar, dequantize_planar, select_experts
 from dwarfstar.kernels.rounding import hadamard_round, stable_topk
 from dwarfstar.model.attention import _attend
-from dwarfstar.model.hc import sinkhorn
 from dwarfstar.model.moe import ROUTE_SUM_FLOOR, swiglu
 from dwarfstar.model.moe import stable_topk as sort_topk
 from dwarfstar.model.numerics import Numerics, _hadamard_matrix, fp8_sim, half_round, rms_norm
@@ -50,10 +50,11 @@ class Ops:
 
     matvec: Callable
     expert_matvec: Callable
+    hc_split: Callable
 
 
-TRITON_OPS = Ops(matvec, expert_matvec)
-TWIN_OPS = Ops(matvec_ref, expert_matvec_ref)
+TRITON_OPS = Ops(matvec, expert_matvec, hc_split)
+TWIN_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref)
 
 
 def _grouped(p: Planar, groups: int) -> Planar:
@@ -115,10 +116,7 @@ class ForwardModel:
         c = self.config
         t, n, _ = x.shape
         mix = self.proj(fn, rms_norm(x.reshape(t, -1), None, c.norm_eps))      # [T, (2+n)n]
-        pre = torch.sigmoid(scale[0] * mix[:, :n] + base[:n]) + c.hc_eps
-        post = 2 * torch.sigmoid(scale[1] * mix[:, n:2 * n] + base[n:2 * n])
-        comb = (scale[2] * mix[:, 2 * n:] + base[2 * n:]).view(t, n, n)
-        m = sinkhorn(comb, c.hc_sinkhorn_iters, c.hc_eps)
+        pre, post, m = self.ops.hc_split(mix, scale, base, n, c.hc_sinkhorn_iters, c.hc_eps)
         return (pre[:, :, None] * x).sum(1), post, m
 
     @staticmethod
