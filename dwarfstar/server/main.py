@@ -8,6 +8,7 @@ server listens until SIGINT/SIGTERM, then drains the worker and exits 0.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -21,9 +22,11 @@ from dwarfstar.server.prepare import Preparer
 from dwarfstar.server.trace import Trace
 from dwarfstar.server.worker import Worker
 
-WEIGHTS_HINT = ("download a published DeepSeek V4 Flash GGUF from https://huggingface.co/antirez/deepseek-v4-gguf "
-                "(e.g. `huggingface-cli download antirez/deepseek-v4-gguf --local-dir .`) and pass it with -m FILE, "
-                "or generate a tiny test model with `ds4-gguf synth`")
+WEIGHTS_HINT = ("download ONE of the published DeepSeek V4 Flash GGUF files from "
+                "https://huggingface.co/antirez/deepseek-v4-gguf (the q2 file is about 81 GB and needs a 141 GB GPU "
+                "or that much RAM; `huggingface-cli download antirez/deepseek-v4-gguf FILE --local-dir .` fetches one "
+                "file, without FILE it fetches them all), save it as ds4flash.gguf or pass it with -m FILE; "
+                "or generate a tiny test model with `ds4-gguf synth --preset tiny tiny.gguf`")
 
 
 class StartupError(Exception):
@@ -32,6 +35,20 @@ class StartupError(Exception):
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises a caught SIGINT/SIGTERM after its own shutdown, which kills
+    the process before the worker drains and writes the shutdown checkpoint
+    (server.md §12, exit 0): forget the caught signals instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self._captured_signals.clear()
 
 
 def _backend(options: ServerOptions) -> str:
@@ -90,7 +107,7 @@ def serve(options: ServerOptions) -> int:
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
                             timeout_keep_alive=1, backlog=128)
     try:
-        uvicorn.Server(config).run()
+        _Server(config).run()
     finally:
         worker.stop()
         trace.close()
