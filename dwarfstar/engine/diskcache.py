@@ -16,7 +16,8 @@ Contract:
   writes the session exactly as it is (the cache never rewinds it) under the
   SHA-1 of `text`, atomically: `<sha>.kv.tmp.<pid>.<thread>`, fsync, rename,
   fsync of the directory. Then eviction (§10.7) with the new file protected.
-- `cache.tool_blocks(ids) -> {id: dsml}` scans the tool maps of all files (§10.5).
+- `cache.tool_blocks(ids) -> {id: dsml}` scans the tool maps of all files (§10.5);
+  `ids=None` returns every entry.
 - When to save (cold boundary, continued frontiers) and the eviction score are
   pure functions in engine/diskcache_policy.py.
 Every directory operation holds an exclusive `flock` on DIR/.lock (and a
@@ -287,9 +288,10 @@ class DiskCache:
             self._disable(f"cannot update {path.name}: {err}")
 
     # ---- tool maps (§10.5) ---------------------------------------------------------------
-    def tool_blocks(self, ids: set[str]) -> dict[str, str]:
+    def tool_blocks(self, ids: set[str] | None) -> dict[str, str]:
+        """Tool-map entries of every listed file for `ids` (None: all of them)."""
         found: dict[str, str] = {}
-        if not self.enabled or not ids:
+        if not self.enabled or ids is not None and not ids:
             return found
         with self._locked():
             for entry in self.entries():
@@ -303,7 +305,7 @@ class DiskCache:
                     self._warn(entry.path, f"unreadable: {err}")
                     continue
                 tools = fmt.decode_tool_map(trailer, self.options.tool_max_ids)
-                found.update({k: v for k, v in tools.items() if k in ids})
+                found.update({k: v for k, v in tools.items() if ids is None or k in ids})
         return found
 
     # ---- save (§10.6) --------------------------------------------------------------------

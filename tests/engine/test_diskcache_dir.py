@@ -104,6 +104,7 @@ def test_tool_map_written_only_for_blocks_in_the_text_and_refreshed_in_place(tmp
     hit = cache.load(text + " next", FakeSession())
     assert hit.tool_map == {"call_a": block, "call_b": block}
     assert cache.tool_blocks({"call_b", "call_q"}) == {"call_b": block}
+    assert cache.tool_blocks(None) == {"call_a": block, "call_b": block}
     size = path.stat().st_size
     # Same key again: the payload is not rewritten (no snapshot), only the trailer.
     again = FakeSession(range(12))
