@@ -13,6 +13,11 @@ reasoning that the next rendered prompt omits; §9.3), the live tool turn
 §9.4), an exact token prefix, a decoded-text prefix, else a full rebuild.
 `usage` reports what the engine really did: cached = effective length minus
 the tokens `session.sync` prefilled.
+
+With `--kv-disk-dir` (server.md §10, server/kvdisk.py) a miss first saves the
+live session (evict) and then tries a disk checkpoint ("disk-text"); prefill
+pauses to save cold and continued checkpoints; the drained worker saves a
+shutdown checkpoint before its thread ends.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dataclasses import dataclass, field
 
 from dwarfstar.engine.sampling import Rng, SamplingParams, sample
 from dwarfstar.server.job import Job, Result
+from dwarfstar.server.kvdisk import Checkpoints
 from dwarfstar.server.output import GenerationError, make_projection
 from dwarfstar.server.stream import StopHoldback
 from dwarfstar.shape import THINK_CLOSE, THINK_OPEN
@@ -52,6 +58,7 @@ class Worker:
         self.memory = memory
         self.trace = trace
         self.session = engine.new_session()
+        self.disk = Checkpoints.open(engine, options, memory)
         self.queue: queue.Queue = queue.Queue()
         self.counter = 0
         # Written only on the worker thread; read (atomic reference) by request parsing.
@@ -87,6 +94,11 @@ class Worker:
             except Exception as err:  # a server fault: answer 500, keep serving
                 log.exception("request %d failed", job.number)
                 self._fail(job, f"generation failed: {err}")
+        if self.disk is not None:
+            try:
+                self.disk.shutdown(self.session, self.bindings)
+            except Exception:  # never block shutdown on the cache
+                log.exception("shutdown checkpoint failed")
 
     def _fail(self, job: Job, message: str, status: int = 500) -> None:
         # The KV keeps what was generated; bindings no longer describe it.
@@ -107,7 +119,13 @@ class Worker:
             job.emit("fail", 500, "prompt exceeds context")
             return
         n_live = len(self.session.tokens)
-        prefilled = self.session.sync(effective, progress=lambda *_: job.emit("keepalive"))
+        def keepalive(*_):
+            job.emit("keepalive")
+
+        if self.disk is not None:
+            prefilled = self.disk.prefill(self.session, effective, source, keepalive)
+        else:
+            prefilled = self.session.sync(effective, progress=keepalive)
         cached = len(effective) - prefilled
         self.trace.cache(n_live, job, effective, source, cached, prefilled)
         job.emit("start", job.number, cached, prefilled)
@@ -139,6 +157,10 @@ class Worker:
             text = self.tokenizer.decode(live)
             if len(text) < len(job.prompt_text) and job.prompt_text.startswith(text):
                 return live + self.tokenizer.encode(job.prompt_text[len(text):]), "memory-text"
+        if self.disk is not None:
+            loaded = self.disk.on_miss(self.session, self.bindings, job.prompt_text)
+            if loaded is not None:
+                return loaded, "disk-text"
         return prompt, "none"
 
     def _sampling(self, job: Job) -> tuple[SamplingParams, SamplingParams, Rng]:
@@ -170,7 +192,10 @@ class Worker:
                 raise GenerationError("client disconnected")
             if self.stopping.is_set():
                 raise GenerationError("shutdown requested")
-            token = self._pick(job, n_generated, projection.structural(), sampling)
+            structural = projection.structural()
+            if self.disk is not None:
+                self.disk.before_token(self.session, structural)
+            token = self._pick(job, n_generated, structural, sampling)
             if token == eos:
                 finish = "stop"
                 break
