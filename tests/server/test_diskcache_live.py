@@ -32,7 +32,7 @@ from dwarfstar.engine.engine import Engine, EngineOptions
 from dwarfstar.gguf.synth import synthesize
 
 MODEL = "deepseek-v4-flash"
-BASE = "Tell me about the history of the city of Paris and its bridges. " * 3
+BASE = "Tell me about the history of the city of Paris and its bridges."
 DISK = ("--kv-cache-min-tokens", "16", "--kv-cache-cold-max-tokens", "0",
         "--kv-cache-continued-interval-tokens", "0")
 SAMPLES = [{"temperature": 0}, {"temperature": 1, "top_p": 1, "seed": 1234}]
@@ -47,7 +47,7 @@ def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def chat(server, messages, sampling=None, n=6):
+def chat(server, messages, sampling=None, n=4):
     return client(server).chat.completions.create(model=MODEL, messages=messages, reasoning_effort="none",
                                                   max_tokens=n, **(sampling or SAMPLES[0]))
 
@@ -80,7 +80,7 @@ def reference(tiny_model, tmp_path_factory):
             assert chat(server, [{"role": "user", "content": prompt}]).choices[0].message.content == answer
             second.append(chat(server, turn2(prompt, answer), sampling))
         # Without any cache, turn 2 is prefilled from its own tokenization.
-        chat(server, [{"role": "user", "content": "unrelated " * 8}])
+        chat(server, [{"role": "user", "content": "unrelated " * 4}])
         cold = chat(server, turn2(prompt, answer))
         yield prompt, answer, second, cold
     finally:
@@ -115,7 +115,7 @@ def test_restart_loads_the_snapshot_and_prefills_only_the_suffix(tiny_model, tmp
         for i, sampling in enumerate(SAMPLES):
             if i:
                 # Move the live session away so the second request needs the disk again.
-                chat(server, [{"role": "user", "content": "unrelated " * 8}])
+                chat(server, [{"role": "user", "content": "unrelated " * 4}])
             answers.append(chat(server, turn2(*reference[:2]), sampling))
     finally:
         server.stop()
@@ -133,7 +133,7 @@ def test_alternating_conversations_restore_from_disk(tiny_model, tmp_path, refer
     try:
         x1 = chat(server, [{"role": "user", "content": reference[0]}])
         for k in range(20):
-            y_prompt = f"Describe the rivers of France in some detail please. ({k}) " * 3
+            y_prompt = f"Describe the rivers of France in some detail please. ({k})"
             y1 = chat(server, [{"role": "user", "content": y_prompt}])
             if "\ufffd" not in y1.choices[0].message.content:
                 break
@@ -180,7 +180,7 @@ def test_damaged_files_warn_and_the_answer_stays_correct(tiny_model, tmp_path, r
     damaged = {"truncated": truncated, "header": bytes(header_flip), "payload": bytes(payload_flip)}
     try:
         for name, data in [*damaged.items(), ("other-model", None), ("intact", blob)]:
-            chat(server, [{"role": "user", "content": f"unrelated {name} " * 6}])
+            chat(server, [{"role": "user", "content": f"unrelated {name} " * 2}])
             if data is None:
                 _other_model_file(tmp_path, text, target)
             else:
@@ -209,7 +209,7 @@ def test_unwritable_directory_turns_the_cache_off_and_serving_continues(tiny_mod
         else:
             kv.chmod(0o500)
         # The miss saves an evict checkpoint: the write fails, the cache turns off.
-        other = chat(server, [{"role": "user", "content": "unrelated " * 8}])
+        other = chat(server, [{"role": "user", "content": "unrelated " * 4}])
         again = chat(server, turn2(reference[0], first.choices[0].message.content))
         assert server.alive()
     finally:
