@@ -112,10 +112,9 @@ def test_restart_loads_the_snapshot_and_prefills_only_the_suffix(tiny_model, tmp
     server = LiveServer(tiny_model, tmp_path, "--kv-disk-dir", str(kv), *DISK)
     try:
         answers = []
-        for i, sampling in enumerate(SAMPLES):
-            if i:
-                # Move the live session away so the second request needs the disk again.
-                chat(server, [{"role": "user", "content": "unrelated " * 4}])
+        # The live session then holds turn 2 + its answer, longer than the next
+        # request: a miss, so the second request needs the disk again.
+        for sampling in SAMPLES:
             answers.append(chat(server, turn2(*reference[:2]), sampling))
     finally:
         server.stop()
@@ -180,7 +179,7 @@ def test_damaged_files_warn_and_the_answer_stays_correct(tiny_model, tmp_path, r
     damaged = {"truncated": truncated, "header": bytes(header_flip), "payload": bytes(payload_flip)}
     try:
         for name, data in [*damaged.items(), ("other-model", None), ("intact", blob)]:
-            chat(server, [{"role": "user", "content": f"unrelated {name} " * 2}])
+            # The live session holds the previous turn 2 + answer: always a miss.
             if data is None:
                 _other_model_file(tmp_path, text, target)
             else:
