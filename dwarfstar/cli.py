@@ -11,6 +11,11 @@ Contract:
   greedy continuation's top logprobs (dumps.py); `-p`/`--prompt-file` is one-shot;
   no prompt starts the REPL (repl.py). A missing model file gets one message saying
   where the published weights are.
+- Session files (dwarfstar only): `--load-session FILE` continues a saved session (a
+  one-shot prompt becomes the next user turn of its transcript and only that turn is
+  prefilled; the REPL starts from it); `--save-session FILE` writes the session after
+  the one-shot answer or when the REPL ends. A file that cannot be loaded or written
+  is one error line and exit 1. Format and transcript rules: repl.py.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class CliOptions:
     dump_logprobs: str | None = None
     logprobs_top_k: int = 20
     inspect: bool = False
+    load_session: str | None = None
+    save_session: str | None = None
 
 
 TABLE = [
@@ -82,6 +89,8 @@ TABLE = [
     Flag(("--dump-logprobs",), "dump_logprobs", "str"),
     Flag(("--logprobs-top-k",), "logprobs_top_k", "int"),
     Flag(("--inspect",), "inspect"),
+    Flag(("--load-session",), "load_session", "str"),
+    Flag(("--save-session",), "save_session", "str"),
     # Accepted only to answer with ds4's own pointers (cli.md §2.1).
     Flag(("--server",), "_server"),
     Flag(("--metal-graph-generate",), "_removed"),
@@ -113,6 +122,11 @@ prompt and generation:
   --top-k N               keep the N most likely tokens, 0 = off (default 0)
   --min-p F               keep p >= F * p_max, in [0, 1] (default 0.05)
   --seed N                sampling seed, > 0 (default: random)
+session files (a disk KV cache checkpoint, the format ds4-server --kv-disk-dir uses):
+  --load-session FILE     continue the session saved in FILE: the REPL starts from it, a
+                          -p/--prompt-file prompt is its next user turn (only that is prefilled)
+  --save-session FILE     save the session (KV cache and transcript) to FILE after the
+                          one-shot answer, or when the REPL ends
 diagnostics:
   --dump-tokens           print the ids of the -p/--prompt-file text as written and exit
   --dump-logprobs FILE    write the greedy continuation's top logprobs as JSON
@@ -120,7 +134,7 @@ diagnostics:
   --inspect               load the model and print its configuration
   -h, --help              show this help
 
-interactive commands: /help /think /think-max /nothink /ctx N /read FILE /quit
+interactive commands: /help /think /think-max /nothink /ctx N /read FILE /save FILE /load FILE /quit
 """
 
 
@@ -143,6 +157,9 @@ def parse_args(argv: list[str]) -> CliOptions:
         raise UsageError(f"{PROG}: --dump-tokens requires -p or --prompt-file")
     if opts.dump_logprobs is not None and not has_prompt:
         raise UsageError(f"{PROG}: --dump-logprobs requires -p or --prompt-file")
+    is_diagnostic = opts.dump_tokens or opts.dump_logprobs is not None or opts.inspect
+    if is_diagnostic and (opts.load_session or opts.save_session):
+        raise UsageError(f"{PROG}: --load-session/--save-session apply to chat, not to --dump-* or --inspect")
     return dataclasses.replace(opts, logprobs_top_k=min(opts.logprobs_top_k, LOGPROBS_TOP_K_MAX))
 
 
@@ -214,17 +231,62 @@ def run(opts: CliOptions, prompt: str | None, load_engine) -> int:
     if warning:
         print(warning, file=sys.stderr)
     if prompt is None:
-        from dwarfstar.repl import Chat, run_repl
-
-        return run_repl(Chat(engine, opts, sampling_params(opts)))
+        return interactive(engine, opts)
     mode = cliprompt.effective_mode(opts.mode, opts.ctx)
     ids = cliprompt.oneshot_tokens(engine.tokenizer, prompt, opts.system, mode)
     if opts.dump_logprobs is not None:
         return dump_logprobs(engine, opts, ids)
+    session = None
+    if opts.load_session:
+        loaded = load_session(engine, opts)
+        if loaded is None:
+            return 1
+        session, transcript = loaded
+        if not cliprompt.is_rendered(prompt):
+            ids = transcript + cliprompt.turn_tokens(engine.tokenizer, prompt, mode)
     # Reasoning formatting follows the prompt's last token, so a rendered chat ending
     # in `</think>` prints raw text whatever the mode flags say.
     is_thinking = bool(ids) and ids[-1] == engine.tokenizer.id_of(shape.THINK_OPEN)
-    return oneshot(engine, opts, ids, is_thinking)
+    return oneshot(engine, opts, ids, is_thinking, session)
+
+
+def interactive(engine, opts: CliOptions) -> int:
+    from dwarfstar.repl import Chat, run_repl
+
+    chat = Chat(engine, opts, sampling_params(opts))
+    if opts.load_session and not chat.load(opts.load_session):
+        return 1
+    code = run_repl(chat)
+    if opts.save_session and not chat.save(opts.save_session):
+        return code or 1
+    return code
+
+
+def load_session(engine, opts: CliOptions):
+    """(session, transcript) of --load-session, or None (message printed)."""
+    from dwarfstar.engine.diskcache_session import SessionFileError
+    from dwarfstar.repl import SessionFiles
+
+    files = SessionFiles(engine)
+    try:
+        checkpoint = files.read(opts.load_session, opts.ctx)
+        return files.restore(checkpoint, opts.load_session, opts.ctx)
+    except SessionFileError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return None
+
+
+def save_session(engine, opts: CliOptions, session) -> int:
+    from dwarfstar.repl import SessionFiles
+
+    try:
+        size = SessionFiles(engine).save(session, opts.save_session, opts.ctx)
+    except OSError as e:
+        print(f"{PROG}: failed to save the session to {opts.save_session}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    print(f"{PROG}: session saved to {opts.save_session} ({len(session.tokens)} tokens, {size} bytes)",
+          file=sys.stderr)
+    return 0
 
 
 def load(opts: CliOptions):
@@ -293,13 +355,17 @@ def inspect(engine, opts: CliOptions) -> int:
     return 0
 
 
-def _prefill(engine, opts: CliOptions, ids: list[int]):
-    """A session holding `ids`, with progress on stderr; None (message printed) if too long."""
+def _prefill(engine, opts: CliOptions, ids: list[int], session=None):
+    """`session` (a new one if None) holding `ids`, with progress on stderr for the
+    tokens it lacked; None (message printed) if too long or the engine fails."""
     if len(ids) >= opts.ctx:
         print(f"{PROG}: prompt processing failed: prompt exceeds context", file=sys.stderr)
         return None
-    session = engine.new_session(ctx=opts.ctx)
-    progress = PrefillProgress(len(ids))
+    if session is None:
+        session = engine.new_session(ctx=opts.ctx)
+    held = session.tokens
+    cached = len(held) if ids[:len(held)] == held else 0
+    progress = PrefillProgress(len(ids) - cached, base=cached)
     try:
         session.sync(ids, progress=progress)
     except Exception as e:  # engine errors are one line for the user
@@ -310,12 +376,15 @@ def _prefill(engine, opts: CliOptions, ids: list[int]):
     return session
 
 
-def oneshot(engine, opts: CliOptions, ids: list[int], is_thinking: bool) -> int:
-    """Generate one answer to stdout, flushed per token (cli.md §2.4)."""
+def oneshot(engine, opts: CliOptions, ids: list[int], is_thinking: bool, session=None) -> int:
+    """Generate one answer to stdout, flushed per token (cli.md §2.4); `session` is a
+    loaded one whose tokens may be a prefix of `ids`."""
     # One-shot Ctrl+C ends the process like ds4's default signal handling: no traceback.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    held = session.tokens if session is not None else []
+    n_new = len(ids) - (len(held) if ids[:len(held)] == held else 0)
     t0 = time.perf_counter()
-    session = _prefill(engine, opts, ids)
+    session = _prefill(engine, opts, ids, session)
     if session is None:
         return 1
     t1 = time.perf_counter()
@@ -336,10 +405,10 @@ def oneshot(engine, opts: CliOptions, ids: list[int], is_thinking: bool) -> int:
     if rc:
         return rc
     t2 = time.perf_counter()
-    prefill_tps = len(ids) / (t1 - t0) if t1 > t0 else 0.0
+    prefill_tps = n_new / (t1 - t0) if t1 > t0 else 0.0
     gen_tps = n_gen / (t2 - t1) if t2 > t1 else 0.0
     print(f"{PROG}: prefill: {prefill_tps:.2f} t/s, generation: {gen_tps:.2f} t/s", file=sys.stderr)
-    return 0
+    return save_session(engine, opts, session) if opts.save_session else 0
 
 
 def dump_logprobs(engine, opts: CliOptions, ids: list[int]) -> int:

@@ -15,6 +15,17 @@ Contract (`Chat`):
 - `/ctx N` drops the session and makes a new one of N tokens (transcript kept).
 Invalidating means dropping the session object; a new one is made on the next turn.
 
+Session files (`/save FILE`, `/load FILE`, `ds4 --save-session/--load-session`) are
+disk-cache checkpoints (engine/diskcache_session.py, server.md §10.3): the KV of the
+transcript without its pending EOS, named by nothing but FILE, with the exact bytes
+of those tokens as cache text. `/save` first syncs the session to that prefix (a
+no-op right after a turn). `/load` refuses a corrupt file or one of another model
+with one line and keeps the current state; otherwise it replaces the session and
+the transcript: the file's tokens, plus the EOS that closes its last answer when
+the tokens end inside an assistant turn (the KV of a finished turn stops before
+its EOS, in the REPL as in the server, server.md §9.3), so the next turn prefills
+only EOS + the new turn.
+
 `run_repl(chat, ...)` is the line loop: commands, history in `~/.ds4_history` (512
 entries, saved after every line), Ctrl+C ignored at the prompt, Ctrl+D exits.
 """
@@ -27,7 +38,9 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from dwarfstar import cliprompt
+from dwarfstar import cliprompt, shape
+from dwarfstar.engine import diskcache_session
+from dwarfstar.engine.diskcache_session import SessionFileError
 from dwarfstar.generate import Picker, StopFlag, generate, sigint_stops, token_budget
 from dwarfstar.printer import AnswerPrinter, PrefillProgress
 
@@ -38,6 +51,8 @@ HELP = """Commands:
   /nothink       Disable thinking mode.
   /ctx N         Set context size for following prompts.
   /read FILE     Read a prompt from FILE and run it.
+  /save FILE     Save the session (KV cache and transcript) to FILE.
+  /load FILE     Continue a session saved with /save or --save-session.
   /quit, /exit   Leave the prompt.
   Ctrl+C         Stop generation and return to the prompt.
 """
@@ -46,6 +61,59 @@ HISTORY_MAX = 512
 
 class Interrupted(Exception):
     """Ctrl+C arrived while the prompt was being prefilled."""
+
+
+class SessionFiles:
+    """Session files of one engine. `identity` (model id, quant bits) is computed on
+    first use from the GGUF unless given (tests with a fake engine give one)."""
+
+    def __init__(self, engine, identity: diskcache_session.Identity | None = None):
+        self.engine = engine
+        self.tok = engine.tokenizer
+        self._identity = identity
+
+    @property
+    def identity(self) -> diskcache_session.Identity:
+        if self._identity is None:
+            self._identity = diskcache_session.identity(self.engine)
+        return self._identity
+
+    def save(self, session, path: str, ctx: int) -> int:
+        """Write `session` as it is; returns the file size (OSError propagates)."""
+        text = b"".join(self.tok.token_bytes(t) for t in session.tokens)
+        return diskcache_session.save(path, session, text, self.identity, ctx)
+
+    def read(self, path: str, ctx: int) -> diskcache_session.Checkpoint:
+        return diskcache_session.read(path, self.identity, ctx)
+
+    def restore(self, checkpoint, path: str, ctx: int) -> tuple[object, list[int]]:
+        """(a new session holding the checkpoint, the transcript it continues)."""
+        session = self.engine.new_session(ctx=ctx)
+        try:
+            session.restore(checkpoint.snapshot)
+        except Exception as e:  # the engine's own check of the snapshot
+            raise SessionFileError(f"{path}: the engine refused its snapshot: {e}") from None
+        tokens = list(session.tokens)
+        if len(tokens) != checkpoint.header.n_tokens:
+            raise SessionFileError(f"{path} is corrupt: it holds {len(tokens)} tokens, "
+                                   f"its header says {checkpoint.header.n_tokens}")
+        if not checkpoint.is_visible_key and b"".join(map(self.tok.token_bytes, tokens)) != checkpoint.text:
+            raise SessionFileError(f"{path}: its text is not the bytes of its tokens (another vocabulary?)")
+        return session, transcript_of(tokens, self.tok)
+
+
+def kv_tokens(transcript: list[int], eos_id: int) -> list[int]:
+    """The part of the transcript a session holds between turns: all but a final EOS."""
+    return transcript[:-1] if transcript and transcript[-1] == eos_id else list(transcript)
+
+
+def transcript_of(tokens: list[int], tok) -> list[int]:
+    """The transcript a saved KV continues: + EOS when it ends inside an assistant turn."""
+    user, assistant = tok.id_of(shape.USER), tok.id_of(shape.ASSISTANT)
+    last_user = max((i for i, t in enumerate(tokens) if t == user), default=-1)
+    last_assistant = max((i for i, t in enumerate(tokens) if t == assistant), default=-1)
+    is_open = last_assistant > last_user and tokens[-1] != tok.eos_id
+    return list(tokens) + ([tok.eos_id] if is_open else [])
 
 
 class Chat:
@@ -66,6 +134,7 @@ class Chat:
         if opts.system:
             self.transcript += cliprompt.plain_bpe(self.tok, opts.system)
         self.session = None
+        self.files = SessionFiles(engine)
 
     def effective_mode(self) -> str:
         return cliprompt.effective_mode(self.mode, self.ctx)
@@ -126,16 +195,7 @@ class Chat:
     def _prefill(self, rollback: int) -> int | None:
         """Sync the session to the transcript; None (turn rolled back) on failure or Ctrl+C."""
         try:
-            if len(self.transcript) >= self.ctx:
-                raise ValueError("prompt exceeds context")
-            if self.session is None:
-                self.session = self.engine.new_session(ctx=self.ctx)
-            live = list(self.session.tokens)
-            cached = len(live) if self.transcript[: len(live)] == live else 0
-            progress = PrefillProgress(len(self.transcript) - cached, base=cached, err=self.err)
-            self.session.sync(list(self.transcript), progress=self._checked(progress))
-            progress.close()
-            return len(self.transcript) - cached
+            return self._sync(self.transcript)
         except Interrupted:
             del self.transcript[rollback:]
             self.session = None
@@ -145,6 +205,63 @@ class Chat:
             self.err.write(f"ds4: prompt processing failed: {e}\n")
         self.stop.clear()
         return None
+
+    def _sync(self, tokens: list[int]) -> int:
+        """Make the session hold `tokens`, prefilling (with progress) only what it lacks;
+        returns that count. Raises Interrupted on Ctrl+C, the engine's errors otherwise."""
+        if len(tokens) >= self.ctx:
+            raise ValueError("prompt exceeds context")
+        if self.session is None:
+            self.session = self.engine.new_session(ctx=self.ctx)
+        live = list(self.session.tokens)
+        cached = len(live) if tokens[: len(live)] == live else 0
+        progress = PrefillProgress(len(tokens) - cached, base=cached, err=self.err)
+        try:
+            self.session.sync(list(tokens), progress=self._checked(progress))
+        finally:
+            progress.close()
+        return len(tokens) - cached
+
+    def save(self, path: str) -> bool:
+        """Write the session at the transcript (minus its pending EOS) to `path`."""
+        target = kv_tokens(self.transcript, self.tok.eos_id)
+        self.stop.clear()
+        try:
+            with sigint_stops(self.stop):
+                self._sync(target)
+            size = self.files.save(self.session, path, self.ctx)
+        except Interrupted:
+            self.session = None
+            self.err.write("\nds4: /save interrupted; nothing written\n")
+            return False
+        except OSError as e:
+            self.err.write(f"ds4: failed to save the session to {path}: {e.strerror or e}\n")
+            return False
+        except Exception as e:  # engine errors while syncing: one line, the REPL goes on
+            self.err.write(f"ds4: failed to save the session to {path}: {e}\n")
+            return False
+        finally:
+            self.stop.clear()
+        self.err.write(f"ds4: session saved to {path} ({len(target)} tokens, {size} bytes)\n")
+        return True
+
+    def load(self, path: str) -> bool:
+        """Replace the session and transcript with a saved session; on a refused file
+        both stay as they were (if only the engine refuses the snapshot, the transcript
+        stays and the next turn re-prefills it)."""
+        try:
+            checkpoint = self.files.read(path, self.ctx)
+            # The old KV goes first, so only one session's buffers exist at a time.
+            self.session = None
+            self.session, transcript = self.files.restore(checkpoint, path, self.ctx)
+        except SessionFileError as e:
+            self.err.write(f"ds4: {e}\n")
+            return False
+        self.transcript = transcript
+        prefix = cliprompt.max_prefix_tokens(self.tok)
+        self.n_max_prefix = len(prefix) if transcript[1 : 1 + len(prefix)] == prefix else 0
+        self.err.write(f"ds4: session loaded from {path} ({len(self.session.tokens)} tokens)\n")
+        return True
 
     def _checked(self, progress):
         def report(*args):
@@ -203,6 +320,13 @@ def handle_line(chat: Chat, line: str) -> int | None:
         return _ctx_command(chat, arg.strip())
     elif word == "/read":
         _read_command(chat, arg.strip())
+    elif word in ("/save", "/load"):
+        if not arg.strip():
+            chat.err.write(f"ds4: {word} needs a file path\n")
+        elif word == "/save":
+            chat.save(arg.strip())
+        else:
+            chat.load(arg.strip())
     elif cmd.startswith("/"):
         chat.err.write(f"ds4: unknown command: {cmd}\nds4: type /help for commands\n")
     else:
