@@ -81,6 +81,12 @@ def call_ids(messages: list[dict]) -> set[str]:
             for c in m.get("tool_calls") or [] if c.get("id")}
 
 
+def mentioned_tool_ids(messages: list[dict]) -> set[str]:
+    """Every tool id a request names: assistant call ids and tool results' ids (§10.5)."""
+    results = {m["tool_call_id"] for m in messages if m.get("role") == "tool" and m.get("tool_call_id")}
+    return call_ids(messages) | results
+
+
 def check_tool_results(messages: list[dict], live_ids: set[str], template: str) -> bool:
     """Every tool result id must answer an earlier assistant call of the request or a
     call of the live turn; else 400 with `template` (formatted with the id).
@@ -127,6 +133,27 @@ class ToolMemory:
 
     def __len__(self) -> int:
         return len(self._map)
+
+    def items(self) -> list[tuple[str, str]]:
+        """A copy of the (tool id, DSML block) pairs, least recently used first."""
+        with self._lock:
+            return list(self._map.items())
+
+    def missing(self, ids: set[str]) -> set[str]:
+        """The ids of `ids` that have no block here (none while disabled: nothing to find)."""
+        if not self.enabled:
+            return set()
+        with self._lock:
+            return {tool_id for tool_id in ids if tool_id not in self._map}
+
+    def update(self, blocks: dict[str, str]) -> None:
+        """Remember {tool id: DSML block} pairs read back from disk (ids sharing a block
+        stay one group, as `remember` stores them)."""
+        by_block: dict[str, list[str]] = {}
+        for tool_id, dsml in blocks.items():
+            by_block.setdefault(dsml, []).append(tool_id)
+        for dsml, ids in by_block.items():
+            self.remember(ids, dsml)
 
     def remember(self, ids: list[str], raw_dsml: str) -> None:
         if not self.enabled or not raw_dsml:

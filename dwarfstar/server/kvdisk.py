@@ -11,13 +11,18 @@ session). The worker calls:
   returns the tokens prefilled, like `sync`.
 - `before_token(session, in_tool_call)` before each sampled token (continued).
 - `shutdown(session, bindings)` once, after the queue is drained (§12).
+One method runs on the connection thread that parses a request (the cache and
+the tool memory lock themselves):
+- `restore_tools(ids)`: the tool ids a request names that RAM does not know are
+  looked up in the tool maps of all cache files and remembered (§10.5).
 Cache text is the exact bytes of the token prefix (no checkpoint when they are
 not valid UTF-8), or for evict/shutdown a binding's
 visible transcript when it sits exactly at the live frontier (flag bit1/bit2).
-Tool-id maps (§10.5): every persisted map is loaded into RAM when the cache
-opens and the map of a loaded checkpoint when it is loaded, so exact DSML
-replay survives a restart without scanning the directory per request
-(dwarfstar differs from ds4, which scans per request on the connection thread).
+Tool-id maps (§10.5): the map of a loaded checkpoint is remembered when it is
+loaded, and each request's unknown tool ids are looked up in every file, so
+exact DSML replay survives a restart and finds files another process wrote
+after this one started. The directory is scanned only when a request names an
+id RAM does not hold.
 Failures never stop serving: the cache turns itself off (engine/diskcache.py).
 """
 
@@ -57,10 +62,7 @@ class Checkpoints:
             boundary_align_tokens=options.kv_cache_boundary_align_tokens,
             reject_different_quant=options.kv_cache_reject_different_quant,
             tool_max_ids=options.tool_memory_max_ids))
-        self = cls(cache, engine.tokenizer, memory, options)
-        if self.persist_tools:
-            self._remember_tools(cache.tool_blocks(None))
-        return self
+        return cls(cache, engine.tokenizer, memory, options)
 
     @property
     def min_tokens(self) -> int:
@@ -76,7 +78,7 @@ class Checkpoints:
             return None
         self.schedule.reset(hit.n_tokens)
         if self.persist_tools:
-            self._remember_tools(hit.tool_map)
+            self.memory.update(hit.tool_map)
         suffix = prompt_text.encode()[hit.text_len:].decode()
         return session.tokens + self.tokenizer.encode(suffix)
 
@@ -137,15 +139,16 @@ class Checkpoints:
 
     # ---- tool maps -----------------------------------------------------------------------
     def _tools(self) -> dict[str, str]:
-        if not self.persist_tools:
-            return {}
-        # ToolMemory has no public export; read its map under its own lock.
-        with self.memory._lock:
-            return dict(self.memory._map)
+        return dict(self.memory.items()) if self.persist_tools else {}
 
-    def _remember_tools(self, tools: dict[str, str]) -> None:
-        by_block: dict[str, list[str]] = {}
-        for tool_id, dsml in tools.items():
-            by_block.setdefault(dsml, []).append(tool_id)
-        for dsml, ids in by_block.items():
-            self.memory.remember(ids, dsml)
+    def restore_tools(self, ids: set[str]) -> int:
+        """Remember the disk's blocks for the ids of `ids` RAM lacks; returns how many
+        were found. Connection thread (§10.5)."""
+        if not self.persist_tools or not self.cache.enabled:
+            return 0
+        unknown = self.memory.missing(ids)
+        if not unknown:
+            return 0
+        found = self.cache.tool_blocks(unknown)
+        self.memory.update(found)
+        return len(found)

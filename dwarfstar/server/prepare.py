@@ -5,6 +5,9 @@ UTF-8, Python's json for key order and int/float, nesting <= 256, no lone
 surrogates) or raises the 400 `invalid JSON request`. `Preparer.build(api,
 body, raw)` returns a Job ready for the worker queue, or raises ApiError;
 every 4xx of a generation request is decided here, before queueing.
+With the disk cache on, the tool ids the request names that the RAM tool
+memory lacks are looked up in the cache files' tool maps first (server.md
+§10.5), so exact DSML replay also finds blocks saved by another process.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import itertools
 import json
 import re
 
-from dwarfstar.server import anthropic, openai, responses
+from dwarfstar.server import anthropic, convo, openai, responses
 from dwarfstar.server.errors import ApiError, context_exceeded, invalid_json
 from dwarfstar.server.job import Job
 from dwarfstar.shape import BOS, EOS
@@ -70,6 +73,8 @@ class Preparer:
         else:
             live = self.worker.live_tool_ids("responses")
             messages, params, has_tools, want_summary, live_only = responses.parse_responses(body, ctx, n, live)
+        if self.worker.disk is not None:
+            self.worker.disk.restore_tools(convo.mentioned_tool_ids(messages))
         counts = self.memory.attach(messages)
         prompt_text = self._render(messages, params.mode, api)
         tokens = self.tokenizer.encode(prompt_text)
