@@ -6,8 +6,8 @@ the usage text. Parsing follows ds4's rules, not argparse's: left to right,
 later wins, a value is always the next argv element (no `--opt=value`),
 integers must be > 0 unless the table says >= 0.
 
-The disk KV cache (server.md §10) is a later issue: its flags are accepted,
-validated and stored, but nothing reads them yet (the help text says so).
+The disk KV cache flags (server.md §10.1) configure server/kvdisk.py; the cache
+is on only with `--kv-disk-dir`.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class ServerOptions:
     dir_steering_file: str | None = None
     dir_steering_ffn: float | None = None
     dir_steering_attn: float = 0.0
-    # Reserved: disk KV cache (server.md §10), not implemented yet.
+    # Disk KV cache (server.md §10, server/kvdisk.py); off without kv_disk_dir.
     kv_disk_dir: str | None = None
     kv_disk_space_mb: int = 4096
     kv_cache_min_tokens: int = 512
@@ -93,11 +93,21 @@ server:
   --chdir DIR               chdir before loading the model
   --tool-memory-max-ids N   exact DSML replay map size (default 100000)
   --disable-exact-dsml-tool-replay   always render tool calls canonically
-disk KV cache (reserved: accepted and validated, not implemented yet):
-  --kv-disk-dir DIR, --kv-disk-space-mb N, --kv-cache-min-tokens N,
-  --kv-cache-cold-max-tokens N, --kv-cache-continued-interval-tokens N,
-  --kv-cache-boundary-trim-tokens N, --kv-cache-boundary-align-tokens N,
+disk KV cache (session checkpoints on disk, reused across requests and restarts):
+  --kv-disk-dir DIR         enable it; checkpoints live in DIR (created, mode 0700)
+  --kv-disk-space-mb N      size budget of the checkpoint files (default 4096)
+  --kv-cache-min-tokens N   never save or load checkpoints shorter than N (default 512)
+  --kv-cache-cold-max-tokens N
+                            save first prompts of min..N tokens; 0 = no cold saves; longer
+                            checkpoints are deleted once loaded (default 30000; 0 or >= min)
+  --kv-cache-continued-interval-tokens N
+                            save the live session every N tokens; 0 = off (default 10000)
+  --kv-cache-boundary-trim-tokens N
+                            tokens trimmed before a cold checkpoint's end (default 32)
+  --kv-cache-boundary-align-tokens N
+                            alignment of cold ends and continued steps; 0 = off (default 2048)
   --kv-cache-reject-different-quant
+                            load only checkpoints of the same routed-expert quant (2/4 bit)
 testing only:
   --debug-forced-output TEXT  generate exactly TEXT (tokenized) instead of sampling
 

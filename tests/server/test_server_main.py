@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dwarfstar.server.main import main
-from dwarfstar.server.options import DEFAULT_TOKENS, HelpRequested, ServerOptions, UsageError, parse_args
+from dwarfstar.server.options import (_SWITCHES, _VALUED, DEFAULT_TOKENS, HelpRequested, ServerOptions, UsageError,
+                                      parse_args)
 
 
 def test_defaults():
@@ -15,7 +16,7 @@ def test_defaults():
     assert options.exact_dsml_replay and options.tool_memory_max_ids == 100000
 
 
-def test_values_later_wins_and_reserved_kv_flags():
+def test_values_later_wins_and_kv_flags():
     options = parse_args(["-c", "100", "--ctx", "200", "-n", "7", "--port", "9", "--host", "localhost", "--cors",
                           "--kv-disk-dir", "kv", "--kv-disk-space-mb", "8192", "--kv-cache-cold-max-tokens", "0",
                           "--disable-exact-dsml-tool-replay", "--tool-memory-max-ids", "5", "--cpu"])
@@ -42,10 +43,20 @@ def test_usage_errors_exit_2(argv, message):
     assert message in str(err.value) and err.value.exit_code == 2
 
 
-def test_help_mentions_reserved_flags():
+def test_help_documents_every_flag_and_the_kv_defaults():
     with pytest.raises(HelpRequested) as help_text:
         parse_args(["-h"])
-    assert "--kv-disk-dir" in str(help_text.value) and "reserved" in str(help_text.value)
+    text = str(help_text.value)
+    for name in [*_VALUED, *_SWITCHES]:
+        assert name in text, name
+    kv = text[text.index("disk KV cache"):text.index("testing only:")]
+    assert "not implemented" not in kv and "reserved" not in kv
+    defaults = ServerOptions()
+    for name, (field, _) in _VALUED.items():
+        if name.startswith("--kv-") and name != "--kv-disk-dir":
+            # The help of each valued --kv flag runs to the next flag; it names the real default.
+            entry = kv[kv.index(name):].split("\n  --", 1)[0]
+            assert f"default {getattr(defaults, field)}" in entry, name
 
 
 def test_missing_model_one_clear_message(tmp_path, capsys):
