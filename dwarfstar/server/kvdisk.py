@@ -109,12 +109,7 @@ class Checkpoints:
         self.cache.close()
 
     def _token_text(self, tokens: list[int]) -> str | None:
-        """The exact text of `tokens`, or None when their bytes are not valid UTF-8
-        (a lossy decode would name the file after text the KV does not hold)."""
-        try:
-            return b"".join(self.tokenizer.token_bytes(t) for t in tokens).decode("utf-8")
-        except UnicodeDecodeError:
-            return None
+        return exact_text(self.tokenizer, tokens)
 
     def _save_tokens(self, session, reason: str) -> None:
         self.schedule.mark(len(session.tokens))
@@ -152,3 +147,14 @@ class Checkpoints:
         found = self.cache.tool_blocks(unknown)
         self.memory.update(found)
         return len(found)
+
+
+def exact_text(tokenizer, tokens: list[int]) -> str | None:
+    """The exact text of `tokens`, or None when their bytes are not valid UTF-8 (a
+    turn cut inside a character): a lossy decode would put U+FFFD where the KV holds
+    other bytes, so a file named after it, or a text-prefix match against it, would
+    claim text the KV does not hold."""
+    try:
+        return b"".join(tokenizer.token_bytes(t) for t in tokens).decode("utf-8")
+    except UnicodeDecodeError:
+        return None

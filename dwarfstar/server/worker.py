@@ -11,6 +11,10 @@ Prefix reuse, in order: a remembered *visible* transcript (the live KV holds
 reasoning that the next rendered prompt omits; §9.3), the live tool turn
 (Anthropic/Responses tool results whose calls the client did not replay;
 §9.4), an exact token prefix, a decoded-text prefix, else a full rebuild.
+Text matches are byte-exact: live tokens whose bytes are not valid UTF-8 (a
+turn cut inside a character) never match by text, and such a turn leaves no
+visible transcript, because the answer the client got has U+FFFD where the KV
+holds the partial character's bytes.
 `usage` reports what the engine really did: cached = effective length minus
 the tokens `session.sync` prefilled.
 
@@ -31,7 +35,7 @@ from dataclasses import dataclass, field
 
 from dwarfstar.engine.sampling import Rng, SamplingParams, sample
 from dwarfstar.server.job import Job, Result
-from dwarfstar.server.kvdisk import Checkpoints
+from dwarfstar.server.kvdisk import Checkpoints, exact_text
 from dwarfstar.server.output import GenerationError, make_projection
 from dwarfstar.server.stream import StopHoldback
 from dwarfstar.shape import THINK_CLOSE, THINK_OPEN
@@ -154,8 +158,8 @@ class Worker:
         if live and prompt[:len(live)] == live:
             return prompt, "memory-token"
         if live:
-            text = self.tokenizer.decode(live)
-            if len(text) < len(job.prompt_text) and job.prompt_text.startswith(text):
+            text = exact_text(self.tokenizer, live)
+            if text is not None and len(text) < len(job.prompt_text) and job.prompt_text.startswith(text):
                 return live + self.tokenizer.encode(job.prompt_text[len(text):]), "memory-text"
         if self.disk is not None:
             loaded = self.disk.on_miss(self.session, self.bindings, job.prompt_text)
@@ -220,18 +224,21 @@ class Worker:
 
     def _remember(self, job: Job, result: Result, source: str) -> None:
         """Update live bindings after a finished turn (§9.3)."""
-        frontier = len(self.session.tokens)
+        live = self.session.tokens
+        frontier = len(live)
         self.bindings = {}
         if result.finish not in ("stop", "tool_calls"):
             return
         ids = {c.id for c in result.tool_calls}
+        generated = live[frontier - result.completion_tokens:] if result.completion_tokens else []
+        is_exact = exact_text(self.tokenizer, generated) is not None
         if job.api == "anthropic" and ids:
             self.bindings["anthropic"] = Binding(frontier, ids=ids)
         if job.api == "responses":
-            visible = visible_key(job, result, keep_reasoning=job.want_summary)
+            visible = visible_key(job, result, keep_reasoning=job.want_summary) if is_exact else ""
             self.bindings["responses"] = Binding(frontier, visible, ids)
         if job.api in ("chat", "anthropic") and job.params.mode != "chat" and not job.has_tools \
-                and result.thinking_closed and not ids:
+                and result.thinking_closed and not ids and is_exact:
             self.bindings["thinking"] = Binding(frontier, visible_key(job, result, False))
 
 
