@@ -6,7 +6,10 @@ Contract:
   OSError while opening, writing or deleting turns the cache off
   (`cache.enabled` False) with one warning; the caller keeps serving.
 - `cache.load(prompt_text, session) -> Hit | None` restores the longest
-  checkpoint whose cache text is a byte prefix of `prompt_text` (§10.4). A file
+  checkpoint whose cache text is a byte prefix of `prompt_text` ending on a
+  character boundary of it (§10.4; a text cut inside a character, which a
+  `ds4 /save` file of a turn cut there may carry, would leave a suffix that is
+  not text, so it is never a match). A file
   that fails validation (header and text checksum, SHA-1 of the text, payload
   checksum, model id) is
   skipped with a warning and the next candidate is tried; a corrupt one
@@ -214,6 +217,7 @@ class DiskCache:
     def _candidates(self, prompt: bytes) -> list[Entry]:
         o = self.options
         found = [e for e in self.entries() if e.header.text_len <= len(prompt)
+                 and _is_boundary(prompt, e.header.text_len)
                  and e.header.n_tokens >= o.min_tokens and e.header.ctx <= o.ctx
                  and not (o.reject_different_quant and e.header.quant_bits != o.quant_bits)]
         return sorted(found, key=lambda e: (-e.header.text_len, -e.header.n_tokens))
@@ -429,6 +433,11 @@ class DiskCache:
                 return
             entries.remove(victim)
             total -= victim.size
+
+
+def _is_boundary(text: bytes, n: int) -> bool:
+    """Whether `text[:n]` ends between two characters of the UTF-8 `text`."""
+    return n >= len(text) or text[n] & 0xC0 != 0x80
 
 
 def _create_tmp(path: Path) -> int:
