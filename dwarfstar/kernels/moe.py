@@ -13,12 +13,13 @@ Contract:
   y float32 [B, D] = sum_k W_down[ids[b, k]] mid_q[b, k].
 - `moe_decode(...)` = moe_down(moe_gate_up(...)). All take an optional preallocated `out`
   (static addresses for CUDA graphs), never sync, read only the selected experts.
-- Activations are quantised inside the kernel (each program redoes it for its own slice,
-  cheaper than another launch): per 32 inputs, amax = max |a|, q = rint(a * (127 / amax)),
-  scale = amax / 127 (0 when amax = 0), both divisions correctly rounded. `a_q` above is
-  q * scale. The twins quantise identically and then work in float64, so kernel and twin
-  differ by fp32 rounding only; both differ from the unquantised product by the int8
-  rounding of the activations (~0.5 % relative, kernels.md §7: <= 2e-2).
+- Activations are quantised by a small kernel (`quantize_act`) that each launcher runs first
+  (so a launcher is two launches; a producer kernel can later write this form itself): per 32
+  inputs, amax = max |a|, q = rint(a * (127 / amax)), scale = amax / 127 (0 when amax = 0),
+  both divisions correctly rounded. `a_q` above is q * scale. The twins quantise identically
+  and then work in float64, so kernel and twin differ by fp32 rounding only; both differ from
+  the unquantised product by the int8 rounding of the activations (~0.5 % relative,
+  kernels.md §7: <= 2e-2).
 
 Decoders (why this is fast): each program owns BLOCK_N rows of one expert and walks the
 input one 256-element super-block at a time. A super-block's bytes are loaded once as
@@ -56,6 +57,7 @@ FMT = {PlanarIQ2XXS: 1, PlanarQ2K: 2, PlanarQ4K: 3}
 GATE_UP_BLOCK_N = 8
 DOWN_BLOCK_N = 8
 NUM_WARPS = 4
+NUM_STAGES = 2
 
 
 def quantize_act_ref(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,23 +130,30 @@ def _dp4a(a, b, c, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _quantize_block(a_ptr):
-    """One super-block of activations -> (words int32 [64], scale fp32 [8], q int32 [256]).
-
-    Word w packs q[4w..4w+3], q[4w] in the low byte.
-    """
-    a = tl.reshape(tl.load(a_ptr + tl.arange(0, 256)), [8, 32])
+def _quantize_act_kernel(a_ptr, words_ptr, scale_ptr, qsum_ptr, n, USE_ASM: tl.constexpr):
+    """Program (r, j): super-block j of activation row r -> int8 words [64] (word w packs
+    q[4w..4w+3], q[4w] in the low byte), scales [8] (per 32), integer sums [16] (per 16)."""
+    r = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    a = tl.reshape(tl.load(a_ptr + r * n + j * 256 + tl.arange(0, 256)), [8, 32])
     amax = tl.max(tl.abs(a), axis=1)
     safe = tl.where(amax > 0, amax, 1.0)
     inv = tl.where(amax > 0, tl.div_rn(tl.full([8], 127.0, tl.float32), safe), 0.0)
     scale = tl.div_rn(amax, tl.full([8], 127.0, tl.float32))
-    # rint by the 1.5 * 2**23 trick: exact round-half-even for |v| <= 127.
     v = a * inv[:, None]
-    q = ((v + 12582912.0) - 12582912.0).to(tl.int32)
-    q = tl.reshape(q, [256])
-    shift = 8 * (tl.arange(0, 4))
+    if USE_ASM:
+        # One instruction, and no chance of the product being fused into an FMA (which would
+        # round the exact product, not the fp32 one the twin rounds).
+        q = tl.inline_asm_elementwise("cvt.rni.s32.f32 $0, $1;", "=r,r", [v], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    else:
+        # rint by the 1.5 * 2**23 trick: exact round-half-even for |v| <= 127.
+        q = ((v + 12582912.0) - 12582912.0).to(tl.int32)
+    shift = 8 * tl.arange(0, 4)
     words = tl.sum((tl.reshape(q, [64, 4]) & 255) << shift[None, :], axis=1)
-    return words, scale, q
+    tl.store(words_ptr + r * (n // 4) + j * 64 + tl.arange(0, 64), words)
+    tl.store(scale_ptr + r * (n // 32) + j * 8 + tl.arange(0, 8), scale)
+    tl.store(qsum_ptr + r * (n // 16) + j * 16 + tl.arange(0, 16), tl.sum(tl.reshape(q, [16, 16]), axis=1))
 
 
 @triton.jit
@@ -177,7 +186,7 @@ def _sb_iq2_xxs(w_ptr, d_ptr, grid_ptr, rows, kb, KB, mask_n, words, scale, USE_
 
 
 @triton.jit
-def _sb_q2_k(qs_ptr, sc_ptr, dm_ptr, rows, kb, KB, mask_n, words, scale, q, USE_ASM: tl.constexpr,
+def _sb_q2_k(qs_ptr, sc_ptr, dm_ptr, rows, kb, KB, mask_n, words, scale, qsum, USE_ASM: tl.constexpr,
              BLOCK_N: tl.constexpr):
     """fp32 [BN]: dot of one Q2_K super-block (qs as int32 words) with the activations."""
     rb = rows * KB + kb
@@ -188,7 +197,6 @@ def _sb_q2_k(qs_ptr, sc_ptr, dm_ptr, rows, kb, KB, mask_n, words, scale, q, USE_
     isum = _dp4a(codes, x[None, :, :, :], tl.zeros_like(codes), USE_ASM)
     isum = tl.sum(tl.reshape(isum, [BLOCK_N, 16, 4]), axis=2)  # [BN, 16] per sub-block of 16
     sc = tl.load(sc_ptr + rb[:, None] * 16 + tl.arange(0, 16)[None, :], mask=mask_n[:, None], other=0).to(tl.int32)
-    qsum = tl.sum(tl.reshape(q, [16, 16]), axis=1)  # [16] activation sums per sub-block
     a = tl.sum(tl.reshape(isum * (sc & 15), [BLOCK_N, 8, 2]), axis=2)  # [BN, 8] per scale block
     m = tl.sum(tl.reshape((sc >> 4) * qsum[None, :], [BLOCK_N, 8, 2]), axis=2)
     d = tl.load(dm_ptr + rb * 2, mask=mask_n, other=0).to(tl.float32)
@@ -199,7 +207,7 @@ def _sb_q2_k(qs_ptr, sc_ptr, dm_ptr, rows, kb, KB, mask_n, words, scale, q, USE_
 
 
 @triton.jit
-def _sb_q4_k(qs_ptr, sc_ptr, mn_ptr, dm_ptr, rows, kb, KB, mask_n, words, scale, q, USE_ASM: tl.constexpr,
+def _sb_q4_k(qs_ptr, sc_ptr, mn_ptr, dm_ptr, rows, kb, KB, mask_n, words, scale, qsum, USE_ASM: tl.constexpr,
              BLOCK_N: tl.constexpr):
     """fp32 [BN]: dot of one Q4_K super-block (qs as int32 words) with the activations."""
     rb = rows * KB + kb
@@ -212,7 +220,7 @@ def _sb_q4_k(qs_ptr, sc_ptr, mn_ptr, dm_ptr, rows, kb, KB, mask_n, words, scale,
     offs8 = rb[:, None] * 8 + tl.arange(0, 8)[None, :]
     sc = tl.load(sc_ptr + offs8, mask=mask_n[:, None], other=0).to(tl.int32)
     mn = tl.load(mn_ptr + offs8, mask=mask_n[:, None], other=0).to(tl.int32)
-    qsum = tl.sum(tl.reshape(q, [8, 32]), axis=1)
+    qsum = tl.sum(tl.reshape(qsum, [8, 2]), axis=1)  # per sub-block of 32
     d = tl.load(dm_ptr + rb * 2, mask=mask_n, other=0).to(tl.float32)
     dmin = tl.load(dm_ptr + rb * 2 + 1, mask=mask_n, other=0).to(tl.float32)
     a_f = tl.sum((isum * sc).to(tl.float32) * scale[None, :], axis=1)
@@ -221,19 +229,28 @@ def _sb_q4_k(qs_ptr, sc_ptr, mn_ptr, dm_ptr, rows, kb, KB, mask_n, words, scale,
 
 
 @triton.jit
-def _sb_dot(p0, p1, p2, p3, rows, kb, KB, mask_n, words, scale, q,
+def _sb_dot(p0, p1, p2, p3, rows, kb, KB, mask_n, words, scale, qsum,
             FMT: tl.constexpr, USE_ASM: tl.constexpr, BLOCK_N: tl.constexpr):
     if FMT == 1:
         return _sb_iq2_xxs(p0, p1, p2, rows, kb, KB, mask_n, words, scale, USE_ASM, BLOCK_N)
     elif FMT == 2:
-        return _sb_q2_k(p0, p1, p2, rows, kb, KB, mask_n, words, scale, q, USE_ASM, BLOCK_N)
+        return _sb_q2_k(p0, p1, p2, rows, kb, KB, mask_n, words, scale, qsum, USE_ASM, BLOCK_N)
     else:
-        return _sb_q4_k(p0, p1, p2, p3, rows, kb, KB, mask_n, words, scale, q, USE_ASM, BLOCK_N)
+        return _sb_q4_k(p0, p1, p2, p3, rows, kb, KB, mask_n, words, scale, qsum, USE_ASM, BLOCK_N)
+
+
+@triton.jit
+def _load_act(aw_ptr, as_ptr, aq_ptr, r, kb, KB):
+    """Super-block kb of quantised activation row r: (words [64], scales [8], sums [16])."""
+    words = tl.load(aw_ptr + (r * KB + kb) * 64 + tl.arange(0, 64))
+    scale = tl.load(as_ptr + (r * KB + kb) * 8 + tl.arange(0, 8))
+    qsum = tl.load(aq_ptr + (r * KB + kb) * 16 + tl.arange(0, 16))
+    return words, scale, qsum
 
 
 @triton.jit
 def _moe_gate_up_kernel(
-    g0, g1, g2, g3, u0, u1, u2, u3, ids_ptr, wts_ptr, x_ptr, mid_ptr, F, D, limit,
+    g0, g1, g2, g3, u0, u1, u2, u3, ids_ptr, wts_ptr, xw_ptr, xs_ptr, xq_ptr, mid_ptr, F, D, limit,
     FMT: tl.constexpr, K: tl.constexpr, HAS_LIMIT: tl.constexpr, USE_ASM: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -246,13 +263,13 @@ def _moe_gate_up_kernel(
     # Global row in the stacked [E, F] weight; int64 because E*F*D exceeds 2**31.
     rows = tl.where(mask_n, e * F + offs_n, 0)
     KB = D // 256
-    x_row = x_ptr + (slot // K).to(tl.int64) * D
+    tok = (slot // K).to(tl.int64)
     acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
     for kb in range(0, KB):
-        words, scale, q = _quantize_block(x_row + kb * 256)
-        acc_g += _sb_dot(g0, g1, g2, g3, rows, kb, KB, mask_n, words, scale, q, FMT, USE_ASM, BLOCK_N)
-        acc_u += _sb_dot(u0, u1, u2, u3, rows, kb, KB, mask_n, words, scale, q, FMT, USE_ASM, BLOCK_N)
+        words, scale, qsum = _load_act(xw_ptr, xs_ptr, xq_ptr, tok, kb, KB)
+        acc_g += _sb_dot(g0, g1, g2, g3, rows, kb, KB, mask_n, words, scale, qsum, FMT, USE_ASM, BLOCK_N)
+        acc_u += _sb_dot(u0, u1, u2, u3, rows, kb, KB, mask_n, words, scale, qsum, FMT, USE_ASM, BLOCK_N)
     if HAS_LIMIT:
         acc_g = tl.minimum(acc_g, limit)
         acc_u = tl.minimum(tl.maximum(acc_u, -limit), limit)
@@ -263,7 +280,7 @@ def _moe_gate_up_kernel(
 
 @triton.jit
 def _moe_down_kernel(
-    p0, p1, p2, p3, ids_ptr, mid_ptr, y_ptr, D, F,
+    p0, p1, p2, p3, ids_ptr, mw_ptr, ms_ptr, mq_ptr, y_ptr, D, F,
     FMT: tl.constexpr, K: tl.constexpr, USE_ASM: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Program (i, b): rows i*BN.. of token b, summed over its K experts."""
@@ -273,14 +290,14 @@ def _moe_down_kernel(
     mask_n = offs_n < D
     KB = F // 256
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k in range(0, K):
-        slot = b * K + k
+    # One flat loop over (expert, super-block): a single loop the compiler can pipeline.
+    for i in range(0, K * KB):
+        slot = (b * K + i // KB).to(tl.int64)
+        kb = i % KB
         e = tl.load(ids_ptr + slot).to(tl.int64)
         rows = tl.where(mask_n, e * D + offs_n, 0)
-        m_row = mid_ptr + slot.to(tl.int64) * F
-        for kb in range(0, KB):
-            words, scale, q = _quantize_block(m_row + kb * 256)
-            acc += _sb_dot(p0, p1, p2, p3, rows, kb, KB, mask_n, words, scale, q, FMT, USE_ASM, BLOCK_N)
+        words, scale, qsum = _load_act(mw_ptr, ms_ptr, mq_ptr, slot, kb, KB)
+        acc += _sb_dot(p0, p1, p2, p3, rows, kb, KB, mask_n, words, scale, qsum, FMT, USE_ASM, BLOCK_N)
     tl.store(y_ptr + b.to(tl.int64) * D + offs_n, acc, mask=mask_n)
 
 
@@ -301,6 +318,20 @@ def _weight_args(w: Planar) -> tuple[torch.Tensor, ...]:
     return w.qs.view(torch.int32), w.sc, w.mn, w.dm
 
 
+def quantize_act(a: torch.Tensor, use_asm: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 [R, n] -> (words int32 [R, n/4], scales float32 [R, n/32], sums int32 [R, n/16]):
+    the int8 activations of `quantize_act_ref`, packed four per word, with per-16 sums."""
+    assert a.dtype == torch.float32 and a.is_contiguous() and a.dim() == 2 and a.shape[1] % QK_K == 0, \
+        "activations: float32 [R, n] contiguous, n a multiple of 256"
+    r, n = a.shape
+    words = torch.empty(r, n // 4, dtype=torch.int32, device=a.device)
+    scale = torch.empty(r, n // 32, dtype=torch.float32, device=a.device)
+    qsum = torch.empty(r, n // 16, dtype=torch.int32, device=a.device)
+    _quantize_act_kernel[(r, n // QK_K)](a, words, scale, qsum, n, USE_ASM=a.is_cuda if use_asm is None else use_asm,
+                                         num_warps=2)
+    return words, scale, qsum
+
+
 def _check_routing(ids: torch.Tensor, n_tok: int, device) -> int:
     assert ids.dtype == torch.int32 and ids.is_contiguous() and ids.dim() == 2 and ids.shape[0] == n_tok, \
         "ids: int32 [B, K] contiguous"
@@ -310,7 +341,8 @@ def _check_routing(ids: torch.Tensor, n_tok: int, device) -> int:
 
 def moe_gate_up(gate: Planar, up: Planar, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                 limit: float, out: torch.Tensor | None = None, block_n: int = GATE_UP_BLOCK_N,
-                num_warps: int = NUM_WARPS, use_asm: bool | None = None) -> torch.Tensor:
+                num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
+                use_asm: bool | None = None) -> torch.Tensor:
     """mid [B, K, F] (see the module contract). use_asm: dp4a asm (default on CUDA) or the
     plain-integer path (diagnostic; same integers)."""
     assert type(gate) is type(up) and gate.shape == up.shape, "gate and up: one format, one shape"
@@ -323,17 +355,19 @@ def moe_gate_up(gate: Planar, up: Planar, x: torch.Tensor, ids: torch.Tensor, we
     if out is None:
         out = torch.empty(x.shape[0], k, f, dtype=torch.float32, device=x.device)
     assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (x.shape[0], k, f)
+    use_asm = x.is_cuda if use_asm is None else use_asm
     grid = (triton.cdiv(f, block_n), x.shape[0] * k)
     _moe_gate_up_kernel[grid](
-        *_weight_args(gate), *_weight_args(up), ids, weights, x, out, f, d, float(limit),
-        FMT=FMT[type(gate)], K=k, HAS_LIMIT=limit > 0, USE_ASM=x.is_cuda if use_asm is None else use_asm,
-        BLOCK_N=block_n, num_warps=num_warps,
+        *_weight_args(gate), *_weight_args(up), ids, weights, *quantize_act(x, use_asm), out, f, d, float(limit),
+        FMT=FMT[type(gate)], K=k, HAS_LIMIT=limit > 0, USE_ASM=use_asm,
+        BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
 
 def moe_down(down: Planar, mid: torch.Tensor, ids: torch.Tensor, out: torch.Tensor | None = None,
-             block_n: int = DOWN_BLOCK_N, num_warps: int = NUM_WARPS, use_asm: bool | None = None) -> torch.Tensor:
+             block_n: int = DOWN_BLOCK_N, num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
+             use_asm: bool | None = None) -> torch.Tensor:
     """y [B, D] = sum_k W_down[ids[b, k]] mid[b, k]."""
     _, d, f = down.shape
     assert mid.dtype == torch.float32 and mid.is_contiguous() and mid.dim() == 3 and mid.shape[2] == f, \
@@ -343,10 +377,11 @@ def moe_down(down: Planar, mid: torch.Tensor, ids: torch.Tensor, out: torch.Tens
     if out is None:
         out = torch.empty(mid.shape[0], d, dtype=torch.float32, device=mid.device)
     assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (mid.shape[0], d)
+    use_asm = mid.is_cuda if use_asm is None else use_asm
     grid = (triton.cdiv(d, block_n), mid.shape[0])
     _moe_down_kernel[grid](
-        *_weight_args(down), ids, mid, out, d, f,
-        FMT=FMT[type(down)], K=k, USE_ASM=mid.is_cuda if use_asm is None else use_asm, BLOCK_N=block_n, num_warps=num_warps,
+        *_weight_args(down), ids, *quantize_act(mid.reshape(-1, f), use_asm), out, d, f,
+        FMT=FMT[type(down)], K=k, USE_ASM=use_asm, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

@@ -17,7 +17,8 @@ from gguf.quants import dequantize
 pytest.importorskip("triton", reason="triton is not installed (pip install '.[test]')")
 
 from dwarfstar.kernels.moe import (  # noqa: E402
-    moe_decode, moe_decode_ref, moe_down, moe_down_ref, moe_gate_up, moe_gate_up_ref,
+    moe_decode, moe_decode_ref, moe_down, moe_down_ref, moe_gate_up, moe_gate_up_ref, quantize_act,
+    quantize_act_ref,
 )
 from dwarfstar.kernels.repack import repack  # noqa: E402
 from dwarfstar.kernels.synth import random_raw  # noqa: E402
@@ -76,6 +77,24 @@ def check_down(ggml_type, n_exp, d, f, n_tok, k, gen, check):
     check(moe_down_ref(down, mid, ids), expected, "int8_act")
 
 
+def check_quantize(rows, n, gen):
+    """The packed int8 activations equal the twin's integers and scales exactly."""
+    a = torch.randn(rows, n, generator=gen, device=gen.device) * torch.rand(rows, 1, generator=gen, device=gen.device)
+    a[0, :32] = 0  # an all-zero block: scale 0, q 0
+    words, scale, qsum = quantize_act(a)
+    q, s = quantize_act_ref(a)
+    q = q.to(torch.int32)
+    b = q.reshape(rows, -1, 4) & 255
+    packed = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+    assert torch.equal(words, packed)
+    assert torch.equal(scale, s)
+    assert torch.equal(qsum, q.reshape(rows, -1, 16).sum(-1, dtype=torch.int32))
+
+
+def test_quantize_act_tiny(gen):
+    check_quantize(3, 512, gen)
+
+
 # F = 37 / D = 41 leave a ragged last row block; two tokens with three experts each, one
 # expert shared between them in some draws (5 experts).
 @pytest.mark.parametrize("ggml_type", FORMATS, ids=lambda t: t.name)
@@ -115,6 +134,11 @@ def test_launchers_reject_bad_inputs(gen):
         moe_gate_up(w, w, x, ids.long(), weights, LIMIT)
     with pytest.raises(AssertionError, match="mid"):
         moe_down(w, torch.randn(1, 2, 8, device=gen.device), ids)
+
+
+@pytest.mark.gpu
+def test_quantize_act_gpu(gen):
+    check_quantize(64, 4096, gen)
 
 
 @pytest.mark.gpu

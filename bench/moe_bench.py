@@ -1,0 +1,119 @@
+"""Routed-MoE decode kernels at DeepSeek V4 Flash shapes: µs, GB/s, % of streaming read.
+
+Method (docs/PERF.md): 256 random valid experts per tensor, repacked on the GPU; R launches
+captured in one CUDA graph, cycling over 16 random routing sets (K = 6 distinct experts per
+token) so the selected weights come from HBM, not L2; time = median replay / R.
+Bytes per launch = planar bytes of the distinct experts the routing selects (each read
+once is the minimum) + activations in/out. A small (block_n, num_warps, num_stages) sweep per case. Each call
+includes its activation-quantisation launch.
+"layer" cases time gate/up + down back to back (one routed FFN of one layer).
+
+Usage: PYTHONPATH=.:bench python3 bench/moe_bench.py [--quick]   (human table, then one JSON line)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+
+import torch
+from gguf import GGMLQuantizationType as T
+
+import bandwidth
+from dwarfstar.kernels.moe import moe_down, moe_gate_up
+from dwarfstar.kernels.repack import planar_nbytes, repack
+from dwarfstar.kernels.synth import random_raw
+
+LAUNCHES_PER_GRAPH = 24
+N_SETS = 16
+N_EXPERTS, TOP_K, D, F = 256, 6, 4096, 2048
+LIMIT, LAYERS = 10.0, 43
+# quant name -> (gate/up type, down type)
+QUANTS = {"q2": (T.IQ2_XXS, T.Q2_K), "q4": (T.Q4_K, T.Q4_K)}
+CASES = [("q2", 1), ("q2", 2), ("q2", 4), ("q4", 1), ("q4", 4)]
+SWEEP = [(bn, nw, ns) for bn in (4, 8, 16) for nw in (2, 4) for ns in (1, 2, 3)]
+
+
+def weights(quant, gen):
+    tg, td = QUANTS[quant]
+    mk = lambda t, shape: repack(random_raw(t, shape, gen), t, shape)
+    return mk(tg, (N_EXPERTS, F, D)), mk(tg, (N_EXPERTS, F, D)), mk(td, (N_EXPERTS, D, F))
+
+
+def time_graph(calls) -> float:
+    """µs per launch: median replay of a graph of LAUNCHES_PER_GRAPH launches over rotated sets."""
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(LAUNCHES_PER_GRAPH):
+            calls[i % len(calls)]()
+    return 1000 * bandwidth.median_ms(graph.replay, rep=100) / LAUNCHES_PER_GRAPH
+
+
+def run_quant(quant, n_toks, gen, read_gbps, quick):
+    gate, up, down = weights(quant, gen)
+    per_gu = (planar_nbytes(gate) + planar_nbytes(up)) // N_EXPERTS
+    per_down = planar_nbytes(down) // N_EXPERTS
+    rows = []
+    for b in n_toks:
+        sets = [torch.stack([torch.randperm(N_EXPERTS, generator=gen, device="cuda")[:TOP_K]
+                             for _ in range(b)]).int().contiguous() for _ in range(N_SETS)]
+        distinct = sum(s.unique().numel() for s in sets) / N_SETS
+        wts = torch.rand(b, TOP_K, generator=gen, device="cuda")
+        x = torch.randn(b, D, generator=gen, device="cuda")
+        mid = torch.randn(b, TOP_K, F, generator=gen, device="cuda")
+        y = torch.empty(b, D, device="cuda")
+        act_gu, act_down = 4 * b * (D + TOP_K * F), 4 * b * (TOP_K * F + D)
+        kinds = {
+            "gate_up": (distinct * per_gu + act_gu,
+                        lambda ids, t: moe_gate_up(gate, up, x, ids, wts, LIMIT, out=mid, block_n=t[0], num_warps=t[1], num_stages=t[2])),
+            "down": (distinct * per_down + act_down,
+                     lambda ids, t: moe_down(down, mid, ids, out=y, block_n=t[0], num_warps=t[1], num_stages=t[2])),
+        }
+        best = {}
+        for kind, (n_bytes, fn) in kinds.items():
+            sweep = [(8, 4, 2)] if quick else SWEEP
+            timed = [(time_graph([lambda ids=ids, t=t: fn(ids, t) for ids in sets]), t) for t in sweep]
+            us, tiling = min(timed)
+            best[kind] = tiling
+            rows.append(row(quant, kind, b, n_bytes, us, tiling, read_gbps, distinct))
+        layer = [lambda ids=ids: (kinds["gate_up"][1](ids, best["gate_up"]), kinds["down"][1](ids, best["down"]))
+                 for ids in sets]
+        n_bytes = kinds["gate_up"][0] + kinds["down"][0]
+        rows.append(row(quant, "layer", b, n_bytes, time_graph(layer), None, read_gbps, distinct))
+    return rows
+
+
+def row(quant, kind, b, n_bytes, us, tiling, read_gbps, distinct):
+    gbps = n_bytes / us / 1e3
+    return {"quant": quant, "kind": kind, "B": b, "experts_read": distinct, "bytes": n_bytes, "us": us,
+            "gbps": gbps, "pct_read": 100 * gbps / read_gbps, "best": tiling}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="default tiling only, no sweep")
+    args = parser.parse_args()
+    ceilings = {"device": torch.cuda.get_device_name(), "read_gbps": bandwidth.read_bandwidth()}
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    results = []
+    for quant in QUANTS:
+        n_toks = [b for q, b in CASES if q == quant]
+        for r in run_quant(quant, n_toks, gen, ceilings["read_gbps"], args.quick):
+            results.append(r)
+            print(f"{r['quant']:<4}{r['kind']:<9}B={r['B']}  experts {r['experts_read']:5.1f} "
+                  f"{r['bytes'] / 1e6:8.2f} MB {r['us']:8.2f} us {r['gbps']:7.0f} GB/s "
+                  f"{r['pct_read']:5.1f}%  best={r['best']}", flush=True)
+        torch.cuda.empty_cache()
+    layer = {f"{r['quant']} B={r['B']}": r["us"] * LAYERS / 1e3 for r in results if r["kind"] == "layer"}
+    print(f"device {ceilings['device']}: stream read {ceilings['read_gbps']:.0f} GB/s")
+    print("routed experts per token (43 layers, ms): " + ", ".join(f"{k} {v:.2f}" for k, v in layer.items()))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(json.dumps({"commit": commit, "ceilings": ceilings, "routed_ms_per_token": layer, "cases": results}))
+
+
+if __name__ == "__main__":
+    main()
