@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from dwarfstar.engine.cuda_state import CudaDecodeState, CudaLayerState
 from dwarfstar.kernels.hc import hc_split, hc_split_ref
 from dwarfstar.kernels.matvec import MAX_COLS, expert_matvec, expert_matvec_ref, matvec, matvec_ref
+from dwarfstar.kernels.moe import QBLOCK, moe_down, moe_down_ref, moe_gate_up, moe_gate_up_ref, quantize_act_ref
 from dwarfstar.kernels.repack import Planar, dequantize_planar, select_experts
 from dwarfstar.kernels.rounding import hadamard_round, stable_topk
 from dwarfstar.model.attention import _attend
@@ -44,17 +45,53 @@ from dwarfstar.model.rope import apply_rope, rope_frequencies
 from dwarfstar.shape import OVERLAP_RATIO, ModelConfig
 
 
+def int8_round(a: torch.Tensor) -> torch.Tensor:
+    """The activations kernels/moe.py multiplies: int8 per 32 inputs, back to float32."""
+    q, scale = quantize_act_ref(a)
+    return (q.view(*scale.shape, QBLOCK) * scale[..., None]).view(a.shape)
+
+
+def _experts_fp32(expert_mv: Callable) -> Callable:
+    """Routed experts of decode through fp32 expert mat-vecs (no activation rounding)."""
+
+    def moe(w1, w3, w2, x, ids, wts, limit):
+        ids = ids[0]
+        xs = x.expand(ids.shape[0], -1).contiguous()                          # [K, D]
+        mid = swiglu(expert_mv(w1, ids, xs), expert_mv(w3, ids, xs), limit) * wts[0][:, None]
+        return expert_mv(w2, ids, mid.contiguous()).sum(0, keepdim=True)
+    return moe
+
+
+def _experts_int8(gate_up: Callable, down: Callable) -> Callable:
+    """Routed experts of decode through kernels/moe.py: int8 activations, two launches."""
+
+    def moe(w1, w3, w2, x, ids, wts, limit):
+        return down(w2, gate_up(w1, w3, x, ids, wts, limit), ids)
+    return moe
+
+
 @dataclass(frozen=True)
 class Ops:
-    """Kernel entry points: Triton launchers, or their twins (diagnostic CPU runs)."""
+    """Kernel entry points: Triton launchers, or their twins (diagnostic CPU runs).
+
+    `moe(w1, w3, w2, x [1, D], ids int32 [1, K], wts [1, K], limit) -> [1, D]` is the
+    routed-expert sum of one decode token.
+    """
 
     matvec: Callable
     expert_matvec: Callable
     hc_split: Callable
+    moe: Callable
+    moe_int8: bool      # whether `moe` rounds expert inputs to int8 (prefill then does too)
 
 
-TRITON_OPS = Ops(matvec, expert_matvec, hc_split)
-TWIN_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref)
+TRITON_OPS = Ops(matvec, expert_matvec, hc_split, _experts_int8(moe_gate_up, moe_down), True)
+# The pre-kernels/moe path (fp32 experts): the accuracy baseline of the int8 one.
+TRITON_FP32_MOE_OPS = Ops(matvec, expert_matvec, hc_split, _experts_fp32(expert_matvec), False)
+TWIN_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False)
+# Twins of the production numerics (int8 routed-expert activations), for CPU checks.
+TWIN_INT8_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_int8(moe_gate_up_ref, moe_down_ref),
+                    True)
 
 
 def _grouped(p: Planar, groups: int) -> Planar:
@@ -82,6 +119,7 @@ class ForwardModel:
         self.t = tensors
         self.numerics = Numerics.of(numerics)
         self.ops = ops
+        self.int8_experts = ops.moe_int8
         self.device = tensors["output_norm.weight"].device
         self.layers = []
         for i in range(config.n_layers):
@@ -334,21 +372,25 @@ class ForwardModel:
         return self.proj(w["shared_w2"], mid)
 
     def moe_step(self, x, tokens, layer: Layer):
-        """Decode: the K selected experts through the expert mat-vec, no host sync."""
+        """Decode: the K selected experts (ops.moe), no host sync."""
         w = layer.w
         sel, wts = self.route(x, tokens, layer, stable_topk)
-        ids = sel[0].to(torch.int32)
-        xs = x.expand(ids.shape[0], -1).contiguous()                          # [K, D]
-        g = self.ops.expert_matvec(w["w1"], ids, xs)
-        u = self.ops.expert_matvec(w["w3"], ids, xs)
-        mid = (swiglu(g, u, layer.swiglu_limit) * wts[0][:, None]).contiguous()
-        return self.ops.expert_matvec(w["w2"], ids, mid).sum(0, keepdim=True) + self.shared(x, layer)
+        ids = sel.to(torch.int32)                                              # [1, K]
+        y = self.ops.moe(w["w1"], w["w3"], w["w2"], x.contiguous(), ids, wts.float().contiguous(),
+                         layer.swiglu_limit)
+        return y + self.shared(x, layer)
 
     def moe_chunk(self, x, tokens, layer: Layer):
-        """Prefill: (token, slot) pairs grouped by expert, one dequantised expert at a time."""
+        """Prefill: (token, slot) pairs grouped by expert, one dequantised expert at a time.
+
+        The expert inputs get decode's rounding points (int8 per 32, `int8_round`) unless
+        the ops are the fp32-expert ones, so prefill and decode compute the same function.
+        """
         w = layer.w
         sel, wts = self.route(x, tokens, layer, sort_topk)
+        act = int8_round if self.int8_experts else (lambda a: a)
         out = torch.zeros_like(x)
+        xq = act(x)
         flat = sel.flatten()
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.config.n_routed_experts).tolist()
@@ -359,9 +401,9 @@ class ForwardModel:
             pairs = order[start:start + n]
             start += n
             rows, slot = pairs // sel.shape[1], pairs % sel.shape[1]
-            h = x[rows]
+            h = xq[rows]
             e_t = torch.tensor([e], device=x.device)
             w1, w3, w2 = (dequantize_planar(select_experts(w[f], e_t))[0] for f in ("w1", "w3", "w2"))
-            mid = swiglu(h @ w1.T, h @ w3.T, layer.swiglu_limit) * wts[rows, slot, None]
+            mid = act(swiglu(h @ w1.T, h @ w3.T, layer.swiglu_limit) * wts[rows, slot, None])
             out.index_add_(0, rows, mid @ w2.T)
         return out + self.shared(x, layer)

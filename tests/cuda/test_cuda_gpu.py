@@ -1,10 +1,14 @@
 """CUDA backend on the GPU vs the reference, on a generated full-width 4-layer Flash GGUF.
 
 Oracle: model/reference.py run on the same GPU (torch default device = cuda) over weights
-dequantised by `dequantize_planar` (bit-exact with gguf's dequantisation, tests/kernels).
+dequantised by `dequantize_planar` (bit-exact with gguf's dequantisation, tests/kernels),
+with the routed experts' inputs rounded to int8 as the decode kernels (kernels/moe.py) and
+the prefill (forward.int8_round) round them: `int8_oracle.int8_reference()`. The distance
+to the plain reference (the int8 rounding itself) is measured and guarded separately.
 Layers 0..3 have ratios 0, 0, 4, 128 and hash routing on 0..2 (the Flash schedule).
 """
 
+import contextlib
 import math
 
 import pytest
@@ -15,6 +19,7 @@ from dwarfstar.gguf.synth import synthesize
 from dwarfstar.kernels.repack import dequantize_planar, select_experts
 from dwarfstar.model.reference import ReferenceModel
 from dwarfstar.model.weights import Weights
+from int8_oracle import int8_reference
 
 pytestmark = pytest.mark.gpu
 N_PROMPT, N_GREEDY = 300, 32
@@ -56,26 +61,34 @@ def _prompt(n, seed=0):
     return torch.randint(0, 129280, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _ref_logits(reference, state, tokens):
+def _ref_logits(reference, state, tokens, int8=True):
     torch.set_default_device("cuda")
     try:
-        return reference.forward(state, tokens, all_logits=False)[-1]
+        with int8_reference() if int8 else contextlib.nullcontext():
+            return reference.forward(state, tokens, all_logits=False)[-1]
+    finally:
+        torch.set_default_device(None)
+
+
+def _new_ref_state(reference, ctx):
+    torch.set_default_device("cuda")
+    try:
+        return reference.new_state(ctx)
     finally:
         torch.set_default_device(None)
 
 
 def test_greedy_and_top20_match_reference(engine, reference, tol, logprob_error):
     bound = tol("official_numerics")
-    torch.set_default_device("cuda")
-    try:
-        ref_state = reference.new_state(engine.options.ctx)
-    finally:
-        torch.set_default_device(None)
+    ref_state = _new_ref_state(reference, engine.options.ctx)
+    plain_state = _new_ref_state(reference, engine.options.ctx)
     session = engine.new_session()
     prompt = _prompt(N_PROMPT)
     session.sync(prompt)
     ref = _ref_logits(reference, ref_state, prompt)
+    plain = _ref_logits(reference, plain_state, prompt, int8=False)
     errors = [logprob_error(ref, session.logits())]
+    plain_errors = [logprob_error(plain, session.logits())]
     for step in range(N_GREEDY):
         got = session.logits()
         token = int(got.argmax())
@@ -85,9 +98,14 @@ def test_greedy_and_top20_match_reference(engine, reference, tol, logprob_error)
             assert (top2[0] - top2[1]).item() <= bound, (step, token, int(ref.argmax()))
         session.eval(token)
         ref = _ref_logits(reference, ref_state, [token])
+        plain = _ref_logits(reference, plain_state, [token], int8=False)
         errors.append(logprob_error(ref, session.logits()))
-    print(f"top-20 |Δ logprob| max {max(errors):.3g}, mean {sum(errors) / len(errors):.3g}")
+        plain_errors.append(logprob_error(plain, session.logits()))
+    print(f"top-20 |Δ logprob| vs int8-expert reference: max {max(errors):.3g}, "
+          f"mean {sum(errors) / len(errors):.3g}; vs plain reference: max {max(plain_errors):.3g}, "
+          f"mean {sum(plain_errors) / len(plain_errors):.3g}")
     assert max(errors) <= bound, errors
+    assert max(plain_errors) <= tol("int8_experts_vs_plain"), plain_errors
 
 
 def test_graph_replay_equals_eager(engine, tol):
@@ -122,13 +140,9 @@ def test_context_past_4096_with_indexer_topk(engine, reference, tol, logprob_err
     prompt = _prompt(4200, seed=4)
     session = engine.new_session()
     session.sync(prompt)
-    torch.set_default_device("cuda")
-    try:
-        ref_state = reference.new_state(engine.options.ctx)
-        for i in range(0, len(prompt), 1024):
-            reference.forward(ref_state, prompt[i:i + 1024], all_logits=False)
-    finally:
-        torch.set_default_device(None)
+    ref_state = _new_ref_state(reference, engine.options.ctx)
+    for i in range(0, len(prompt), 1024):
+        _ref_logits(reference, ref_state, prompt[i:i + 1024])
     errors = []
     for t in _prompt(8, seed=5):
         session.eval(t)

@@ -83,3 +83,23 @@ def test_snapshot_restore_and_reference_interchange(model_path, tokens):
     r.restore(blob)
     r.eval(tokens[N_PROMPT])
     assert (r.logits() - after).abs().max() < 1e-3
+
+
+def test_int8_moe_step_matches_int8_oracle(model_path, tol):
+    """forward.moe_step on the int8 twins (kernels/moe.py numerics) = the reference MoE with the
+    same int8 rounding points, layer by layer (routing, weights, clamp and shared expert wiring)."""
+    from int8_oracle import int8_expert_moe
+
+    from dwarfstar.engine.cuda_engine import CudaEngine
+    from dwarfstar.model.forward import TWIN_INT8_OPS
+
+    ref = Engine.load(model_path, EngineOptions(backend="reference", ctx=64))
+    cu = CudaEngine.load(model_path, EngineOptions(backend="cuda", ctx=64), ops=TWIN_INT8_OPS)
+    gen = torch.Generator().manual_seed(3)
+    for i, layer in enumerate(cu.model.layers):
+        for token in (5, 77):
+            x = torch.randn(1, CONFIG.dim, generator=gen)
+            tok = torch.tensor([token])
+            want = int8_expert_moe(x, tok, ref.model.weights.layer(i), ref.config, torch.float32)
+            got = cu.model.moe_step(x, tok, layer)
+            assert ((got - want).norm() / want.norm()).item() <= tol("moe_layer_int8"), (i, token)
