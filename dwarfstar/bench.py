@@ -49,6 +49,7 @@ class BenchOptions:
     backend: str | None = None
     quality: bool = False
     warm_weights: bool = False
+    dummy_weights: str | None = None
 
 
 TABLE = [
@@ -71,6 +72,7 @@ TABLE = [
     # Accepted for ds4 compatibility; the reference engine has no such switches.
     Flag(("--quality",), "quality"),
     Flag(("--warm-weights",), "warm_weights"),
+    Flag(("--dummy-weights",), "dummy_weights", "str"),
 ]
 
 USAGE = f"""usage: {PROG} (--prompt-file FILE | --chat-prompt-file FILE) [options]
@@ -92,6 +94,9 @@ Prefill and generation throughput at increasing context frontiers; CSV output.
   -t, --threads N          CPU threads for torch
   --cpu | --cuda | --backend cpu|cuda   (--metal is not supported)
   --quality, --warm-weights  accepted, no effect
+  --dummy-weights q2|q4[:LAYERS]
+                           no model file: random Flash-shaped weights made on the GPU
+                           (cuda backend; speed only, the text is meaningless to them)
   -h, --help               show this help
 
 The text shipped for this is bench/data/stdlib_docstrings.txt (see bench/data/README.md).
@@ -108,6 +113,10 @@ def parse_args(argv: list[str]) -> BenchOptions:
         )
     if (opts.prompt_file is None) == (opts.chat_prompt_file is None):
         raise UsageError(f"{PROG}: specify exactly one of --prompt-file or --chat-prompt-file")
+    if opts.dummy_weights is not None:
+        _dummy_spec(opts.dummy_weights)
+        if opts.backend not in (None, "cuda"):
+            raise UsageError(f"{PROG}: --dummy-weights needs the cuda backend")
     if opts.ctx_start > opts.ctx_max:
         raise UsageError(f"{PROG}: --ctx-start must be <= --ctx-max")
     if opts.step_mul < 1:
@@ -117,6 +126,13 @@ def parse_args(argv: list[str]) -> BenchOptions:
     if opts.ctx_alloc <= opts.ctx_max + opts.gen_tokens:
         raise UsageError(f"{PROG}: --ctx-alloc must be greater than ctx-max + gen-tokens")
     return opts
+
+
+def _dummy_spec(text: str) -> tuple[str, int | None]:
+    experts, _, layers = text.partition(":")
+    if experts not in ("q2", "q4") or (layers and (not layers.isdigit() or int(layers) == 0)):
+        raise UsageError(f"{PROG}: invalid value for --dummy-weights: {text} (q2|q4[:LAYERS])")
+    return experts, int(layers) if layers else None
 
 
 def next_frontier(cur: int, ctx_max: int, step_incr: int, step_mul: float) -> int:
@@ -201,7 +217,8 @@ def _describe_run(opts: BenchOptions) -> str:
                                 cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
-    return f"{PROG}: device {device}, commit {commit}, ctx_alloc {opts.ctx_alloc}"
+    dummy = f", dummy weights {opts.dummy_weights}" if opts.dummy_weights else ""
+    return f"{PROG}: device {device}, commit {commit}, ctx_alloc {opts.ctx_alloc}{dummy}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in (opts.prompt_file or opts.chat_prompt_file,):
             if not Path(path).is_file():
                 raise UsageError(f"{PROG}: failed to open {path}", exit_code=1)
-        if not Path(opts.model).is_file():
+        if opts.dummy_weights is None and not Path(opts.model).is_file():
             from dwarfstar.cli import missing_model_message
 
             raise UsageError(missing_model_message(opts.model).replace("ds4:", f"{PROG}:"), exit_code=1)
@@ -234,7 +251,15 @@ def _run(opts: BenchOptions) -> int:
     from dwarfstar.cli import CliOptions, load
 
     try:
-        engine = load(CliOptions(model=opts.model, ctx=opts.ctx_alloc, backend=opts.backend, threads=opts.threads))
+        if opts.dummy_weights is not None:
+            from dwarfstar.engine.engine import Engine, EngineOptions
+
+            experts, layers = _dummy_spec(opts.dummy_weights)
+            engine = Engine.load(None, EngineOptions(backend="cuda", ctx=opts.ctx_alloc, dummy_weights=True,
+                                                     dummy_experts=experts, dummy_layers=layers))
+        else:
+            engine = load(CliOptions(model=opts.model, ctx=opts.ctx_alloc, backend=opts.backend,
+                                     threads=opts.threads))
     except Exception as e:
         print(f"{PROG}: failed to load {opts.model}: {e}", file=sys.stderr)
         return 1

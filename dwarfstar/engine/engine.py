@@ -39,6 +39,11 @@ class EngineOptions:
     dtype: str = "float32"
     prefill_chunk: int = 512
     mtp: str | None = None
+    # Backend "cuda" only: no file, random valid Flash-shaped weights made on the GPU
+    # (benchmarks): expert types "q2" | "q4", the first `dummy_layers` layers (None = all).
+    dummy_weights: bool = False
+    dummy_experts: str = "q2"
+    dummy_layers: int | None = None
 
 
 class Engine:
@@ -56,6 +61,8 @@ class Engine:
         from dwarfstar.gguf.validate import validate
         from dwarfstar.text.tokenizer import Tokenizer
 
+        if options.dummy_weights and options.backend != "cuda":
+            raise ValueError("dummy_weights needs backend 'cuda'")
         if options.backend == "cuda":
             from dwarfstar.engine.cuda_engine import CudaEngine
 
