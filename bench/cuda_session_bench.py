@@ -127,6 +127,38 @@ def ttft(engine, n: int, directory: str) -> dict:
     return r
 
 
+def prefill_profile(engine, chunk: int) -> dict:
+    """Kernel time of one `chunk`-token prefill chunk after a first one (torch.profiler, top 15)."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    session = engine.new_session(ctx=4 * chunk)
+    toks = torch.randint(0, engine.config.vocab_size, (2 * chunk,), generator=torch.Generator().manual_seed(1)).tolist()
+    engine.model.prefill(session.state, toks[:chunk])
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        engine.model.prefill(session.state, toks[chunk:])
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    agg = defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            agg[e.name[:70]][0] += 1
+            agg[e.name[:70]][1] += e.time_range.elapsed_us()
+    rows = sorted(agg.items(), key=lambda kv: -kv[1][1])
+    total = sum(v[1] for v in agg.values())
+    print(f"prefill chunk {chunk}: wall {wall:.3f} s (profiled), kernel sum {total / 1e6:.3f} s, "
+          f"{sum(v[0] for v in agg.values())} launches", flush=True)
+    for name, (n, us) in rows[:15]:
+        print(f"  {us / 1e3:9.1f} ms {100 * us / total:5.1f}%  x{n:<6} {name}", flush=True)
+    del session
+    torch.cuda.empty_cache()
+    return {"chunk": chunk, "wall_s": wall, "kernel_s": total / 1e6,
+            "top": [{"name": k, "launches": v[0], "ms": v[1] / 1e3} for k, v in rows[:15]]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=43)
@@ -135,6 +167,7 @@ def main() -> None:
     p.add_argument("--ttft", type=int, default=30000)
     p.add_argument("--prefill-chunk", type=int, default=None)
     p.add_argument("--dir", default=tempfile.gettempdir())
+    p.add_argument("--profile-prefill", type=int, default=0, help="profile one chunk of this many tokens")
     args = p.parse_args()
     opts = EngineOptions(backend="cuda") if args.prefill_chunk is None else \
         EngineOptions(backend="cuda", prefill_chunk=args.prefill_chunk)
@@ -144,6 +177,8 @@ def main() -> None:
     print(f"device {torch.cuda.get_device_name()}, layers {args.layers}, commit {commit}", flush=True)
     res = {"device": torch.cuda.get_device_name(), "layers": args.layers, "commit": commit}
     with torch.no_grad():
+        if args.profile_prefill:
+            res["prefill_profile"] = prefill_profile(engine, args.profile_prefill)
         res["cross"] = crossings(engine, args.cross, gen) if args.cross else []
         res["snapshots"] = snapshots(engine, args.snap, gen, args.dir) if args.snap else []
         res["ttft"] = ttft(engine, args.ttft, args.dir) if args.ttft else None
