@@ -64,9 +64,11 @@ def quantize_act_ref(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 [..., n] -> (q float32 integers in [-127, 127] [..., n], scale [..., n/32])."""
     ab = a.float().reshape(*a.shape[:-1], -1, QBLOCK)
     amax = ab.abs().amax(-1)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    # Divisions in float64 then rounded to float32: correctly rounded fp32 quotients on any
+    # device (torch's CUDA division by a scalar multiplies by the reciprocal instead).
+    inv = torch.where(amax > 0, (127.0 / amax.double()).float(), torch.zeros_like(amax))
     q = torch.round(ab * inv[..., None])  # round half to even, as the kernel's rint
-    return q.reshape(a.shape), amax / 127.0
+    return q.reshape(a.shape), (amax.double() / 127.0).float()
 
 
 def _dequantized_act(a: torch.Tensor) -> torch.Tensor:
