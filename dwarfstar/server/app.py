@@ -134,7 +134,16 @@ def create_app(options, preparer, worker) -> FastAPI:
         worker.submit(job)
         projector = _projector(api, job)
         if job.params.stream:
-            return StreamingResponse(pump(job, projector), media_type="text/event-stream",
+            # The SSE headers go out at the first prefill chunk or when generation
+            # starts (server.md §7.3): a prefill that fails before is an HTTP error.
+            try:
+                first = await job.events.get()
+            except BaseException:
+                job.cancelled.set()
+                raise
+            if first[0] == "fail":
+                raise ApiError(first[1], first[2])
+            return StreamingResponse(pump(job, projector, first), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         event = await collect(job)
         if event[0] == "fail":

@@ -2,10 +2,12 @@
 
 Contract:
 - `sse(obj)` / `sse_event(name, obj)` format one event (server.md §8).
-- `pump(job, projector, error_event)` is the async body of a streaming
-  response: it drains the job's worker events, hands each to the API's
-  projector (`feed(event) -> list[str]`) and yields SSE text; `: prefill`
-  comments keep idle connections alive during a long prefill (§7.3). When
+- `pump(job, projector, first)` is the async body of a streaming response:
+  starting with `first` (the event that made the caller send the headers: a
+  prefill chunk or the start of generation), it drains the job's worker
+  events, hands each to the API's projector (`feed(event) -> list[str]`) and
+  yields SSE text; `: prefill` comments keep idle connections alive during a
+  long prefill (§7.3). When
   the client goes away the generator is closed by the server; the `finally`
   marks the job cancelled, so the worker stops at its next token.
 - `StopHoldback` cuts generated text at the earliest stop sequence and
@@ -38,13 +40,16 @@ def anthropic_error_event(message: str) -> str:
     return sse_event("error", {"type": "error", "error": {"type": "api_error", "message": message}})
 
 
-async def pump(job, projector):
+async def pump(job, projector, first=None):
     """Yield SSE strings for `job` until its terminal event (see module docstring).
     The projector's `fail(message)` renders a failure after the headers were sent."""
     last_keepalive = time.monotonic()
     try:
         while True:
-            event = await job.events.get()
+            if first is not None:
+                event, first = first, None
+            else:
+                event = await job.events.get()
             kind = event[0]
             if kind == "keepalive":
                 now = time.monotonic()

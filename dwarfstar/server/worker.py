@@ -126,10 +126,16 @@ class Worker:
         def keepalive(*_):
             job.emit("keepalive")
 
-        if self.disk is not None:
-            prefilled = self.disk.prefill(self.session, effective, source, keepalive)
-        else:
-            prefilled = self.session.sync(effective, progress=keepalive)
+        try:
+            if self.disk is not None:
+                prefilled = self.disk.prefill(self.session, effective, source, keepalive)
+            else:
+                prefilled = self.session.sync(effective, progress=keepalive)
+        except Exception as err:  # answered with the engine's own error text (server.md §3.2, §7.3)
+            log.exception("request %d: prefill failed", job.number)
+            self.trace.event(f"prefill failed: {err}")
+            self._fail(job, str(err))
+            return
         cached = len(effective) - prefilled
         self.trace.cache(n_live, job, effective, source, cached, prefilled)
         job.emit("start", job.number, cached, prefilled)
