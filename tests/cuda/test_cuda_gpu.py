@@ -79,7 +79,7 @@ def _new_ref_state(reference, ctx):
 
 
 def test_greedy_and_top20_match_reference(engine, reference, tol, logprob_error):
-    bound = tol("official_numerics")
+    bound = tol("int8_official")
     ref_state = _new_ref_state(reference, engine.options.ctx)
     plain_state = _new_ref_state(reference, engine.options.ctx)
     session = engine.new_session()
@@ -132,7 +132,7 @@ def test_prefill_matches_decode(engine, tol, logprob_error):
         s.sync(prompt)
         err = logprob_error(stepped.logits(), s.logits())
         print(f"prefill chunk {chunk} vs decode: {err:.3g}")
-        assert err <= tol("official_numerics")
+        assert err <= tol("int8_official")
 
 
 def test_context_past_4096_with_indexer_topk(engine, reference, tol, logprob_error):
@@ -151,6 +151,7 @@ def test_context_past_4096_with_indexer_topk(engine, reference, tol, logprob_err
         assert torch.isfinite(got).all()
         errors.append(logprob_error(ref, got))
     print(f"ctx 4200 top-20 |Δ logprob|: {[round(e, 5) for e in errors]}")
-    assert max(errors) <= tol("official_numerics")
+    assert sum(e > tol("int8_official") for e in errors) <= tol("topk_flips_per_8")
+    assert max(errors) <= tol("int8_experts_vs_plain")
     assert session.state.n_tokens == 4208 and int(session.state.pos) == 4208
     assert not math.isnan(float(session.logits().sum()))
