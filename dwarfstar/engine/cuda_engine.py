@@ -185,6 +185,7 @@ class CudaSession:
         self.prefill_chunk = max(1, prefill_chunk)
         self.use_graph = use_graph
         self.state = CudaDecodeState.new(model.config, ctx, model.device)
+        model.reserve_positions(ctx + 1)
         self.graph: torch.cuda.CUDAGraph | None = None
 
     @property

@@ -32,6 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from dwarfstar.engine.cuda_state import CudaDecodeState, CudaLayerState
+from dwarfstar.kernels.glue import rms_norm as glue_rms_norm
+from dwarfstar.kernels.glue import rope as glue_rope
+from dwarfstar.kernels.glue import rope_table
 from dwarfstar.kernels.hc import hc_split, hc_split_ref
 from dwarfstar.kernels.matvec import MAX_COLS, expert_matvec, expert_matvec_ref, matvec, matvec_ref
 from dwarfstar.kernels.moe import QBLOCK, moe_down, moe_down_ref, moe_gate_up, moe_gate_up_ref, quantize_act_ref
@@ -83,12 +86,15 @@ class Ops:
     hc_split: Callable
     moe: Callable
     moe_int8: bool      # whether `moe` rounds expert inputs to int8 (prefill then does too)
+    glue: bool = False  # RMS norm and RoPE through kernels/glue.py (else the reference functions)
 
 
-TRITON_OPS = Ops(matvec, expert_matvec, hc_split, _experts_int8(moe_gate_up, moe_down), True)
+TRITON_OPS = Ops(matvec, expert_matvec, hc_split, _experts_int8(moe_gate_up, moe_down), True, True)
 # The pre-kernels/moe path (fp32 experts): the accuracy baseline of the int8 one.
-TRITON_FP32_MOE_OPS = Ops(matvec, expert_matvec, hc_split, _experts_fp32(expert_matvec), False)
+TRITON_FP32_MOE_OPS = Ops(matvec, expert_matvec, hc_split, _experts_fp32(expert_matvec), False, True)
 TWIN_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False)
+# Twins of the mat-vecs with the Triton glue (CPU interpreter checks of the glue wiring).
+TWIN_GLUE_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False, True)
 # Twins of the production numerics (int8 routed-expert activations), for CPU checks.
 TWIN_INT8_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_int8(moe_gate_up_ref, moe_down_ref),
                     True)
@@ -122,16 +128,47 @@ class ForwardModel:
         self.int8_experts = ops.moe_int8
         self.device = tensors["output_norm.weight"].device
         self.layers = []
+        # One frequency vector per kind of layer (r = 0 and r > 0), shared, so RoPE tables are too.
+        omegas = {}
+        # id(omega) -> (cos, sin) [n, d_r/2] tables; outgrown tables stay referenced in
+        # _old_tables because captured graphs may read them.
+        self._rope_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._old_tables: list = []
         for i in range(config.n_layers):
             r = config.compress_ratios[i]
             w = {f: tensors[f"blk.{i}.{g}"] for f, g in _GGUF_OF_FIELD.items() if f"blk.{i}.{g}" in tensors}
             w["wo_a_grouped"] = _grouped(w["wo_a"], config.o_groups)
-            omega = rope_frequencies(config, r).to(self.device)
+            if (r > 0) not in omegas:
+                omegas[r > 0] = rope_frequencies(config, r).to(self.device)
+            omega = omegas[r > 0]
             self.layers.append(Layer(w, r, config.is_hash_layer(i), config.swiglu_limits[i], omega))
         self.hadamard = _hadamard_matrix(config.index_head_dim).to(self.device, torch.float32)
         self.group_ids = torch.arange(config.o_groups, dtype=torch.int32, device=self.device)
 
     # ---- primitives -------------------------------------------------------------------
+    def reserve_positions(self, n: int) -> None:
+        """RoPE tables for positions < n (call before capturing a step that reaches them)."""
+        if not self.ops.glue:
+            return
+        for layer in self.layers:
+            key = id(layer.omega)
+            have = self._rope_tables.get(key)
+            if have is None or have[0].shape[0] < n:
+                if have is not None:
+                    self._old_tables.append(have)
+                self._rope_tables[key] = rope_table(layer.omega, max(n, 4096))
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        if self.ops.glue:
+            return glue_rms_norm(x, weight, self.config.norm_eps)
+        return rms_norm(x, weight, self.config.norm_eps)
+
+    def rope(self, x, positions, omega, inverse: bool = False) -> torch.Tensor:
+        if self.ops.glue:
+            cos, sin = self._rope_tables[id(omega)]
+            return glue_rope(x, positions, cos, sin, inverse)
+        return apply_rope(x, positions, omega, inverse)
+
     def proj(self, w: Planar, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] @ W^T -> [T, N]: mat-vec kernel for decode, dequantise + matmul for chunks."""
         if x.shape[0] <= MAX_COLS:
@@ -153,7 +190,7 @@ class ForwardModel:
     def hc_pre(self, x, fn, scale, base):
         c = self.config
         t, n, _ = x.shape
-        mix = self.proj(fn, rms_norm(x.reshape(t, -1), None, c.norm_eps))      # [T, (2+n)n]
+        mix = self.proj(fn, self.norm(x.reshape(t, -1), None))      # [T, (2+n)n]
         pre, post, m = self.ops.hc_split(mix, scale, base, n, c.hc_sinkhorn_iters, c.hc_eps)
         return (pre[:, :, None] * x).sum(1), post, m
 
@@ -168,18 +205,18 @@ class ForwardModel:
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         c, t = self.config, x.shape[0]
-        mix = self.proj(self.t["output_hc_fn.weight"], rms_norm(x.reshape(t, -1), None, c.norm_eps))
+        mix = self.proj(self.t["output_hc_fn.weight"], self.norm(x.reshape(t, -1), None))
         wts = torch.sigmoid(self.t["output_hc_scale.weight"][0] * mix + self.t["output_hc_base.weight"]) + c.hc_eps
-        y = rms_norm((wts[:, :, None] * x).sum(1), self.t["output_norm.weight"], c.norm_eps)
+        y = self.norm((wts[:, :, None] * x).sum(1), self.t["output_norm.weight"])
         return self.proj(self.t["output.weight"], y)                          # [T, V]
 
     def block(self, x, tokens, positions, layer: Layer, s: CudaLayerState, state, chunk_t0):
         w, c = layer.w, self.config
         u, post, m = self.hc_pre(x, w["hc_attn_fn"], w["hc_attn_scale"], w["hc_attn_base"])
-        f = self.attention(rms_norm(u, w["attn_norm"], c.norm_eps), positions, layer, s, state, chunk_t0)
+        f = self.attention(self.norm(u, w["attn_norm"]), positions, layer, s, state, chunk_t0)
         x = self.hc_post(f, x, post, m)
         u, post, m = self.hc_pre(x, w["hc_ffn_fn"], w["hc_ffn_scale"], w["hc_ffn_base"])
-        h = rms_norm(u, w["ffn_norm"], c.norm_eps)
+        h = self.norm(u, w["ffn_norm"])
         f = self.moe_step(h, tokens, layer) if chunk_t0 is None else self.moe_chunk(h, tokens, layer)
         return self.hc_post(f, x, post, m)
 
@@ -195,6 +232,7 @@ class ForwardModel:
 
     def prefill(self, state: CudaDecodeState, tokens: list[int]) -> None:
         t0, t = state.n_tokens, len(tokens)
+        self.reserve_positions(t0 + t)
         ids = torch.tensor(tokens, dtype=torch.int64, device=self.device)
         positions = torch.arange(t0, t0 + t, device=self.device)
         x = self.embed(ids)
@@ -212,11 +250,11 @@ class ForwardModel:
     def attention(self, h, positions, layer: Layer, s: CudaLayerState, state, chunk_t0):
         c, w = self.config, layer.w
         t, n_heads, d = h.shape[0], c.n_heads, c.head_dim
-        qr = rms_norm(self.proj(w["wq_a"], h), w["q_norm"], c.norm_eps)
-        q = rms_norm(self.proj(w["wq_b"], qr).view(t, n_heads, d), None, c.norm_eps)
-        q = apply_rope(q, positions, layer.omega)                              # [T, H, Dh]
-        kv = rms_norm(self.proj(w["wkv"], h), w["kv_norm"], c.norm_eps)
-        kv = self.kv_rounding(apply_rope(kv, positions, layer.omega))          # [T, Dh]
+        qr = self.norm(self.proj(w["wq_a"], h), w["q_norm"])
+        q = self.norm(self.proj(w["wq_b"], qr).view(t, n_heads, d), None)
+        q = self.rope(q, positions, layer.omega)                            # [T, H, Dh]
+        kv = self.norm(self.proj(w["wkv"], h), w["kv_norm"])
+        kv = self.kv_rounding(self.rope(kv, positions, layer.omega))          # [T, Dh]
 
         # Raw window: ring rows held before this chunk, then the chunk's own rows.
         keys = torch.cat([s.raw, kv])
@@ -231,7 +269,7 @@ class ForwardModel:
             keys, mask = torch.cat([keys, comp]), torch.cat([mask, comp_mask], 1)
 
         o = _attend(q, keys, mask, w["attn_sink"])
-        o = apply_rope(o, positions, layer.omega, inverse=True)
+        o = self.rope(o, positions, layer.omega, inverse=True)
         return self.out_proj(o.reshape(t, c.o_groups, -1), w)
 
     def out_proj(self, o: torch.Tensor, w: dict) -> torch.Tensor:
@@ -281,7 +319,7 @@ class ForwardModel:
         c = self.config
         d_i, n_h = c.index_head_dim, c.index_n_heads
         q = self.proj(w["indexer_wq_b"], qr).view(-1, n_h, d_i)               # [T, H_I, d_I]
-        q = self.index_rounding(apply_rope(q, positions, omega), is_cached=False)
+        q = self.index_rounding(self.rope(q, positions, omega), is_cached=False)
         wts = self.proj(w["indexer_weights_proj"], h) / math.sqrt(d_i * n_h)   # [T, H_I]
         return torch.einsum("th,thc->tc", wts, torch.relu(torch.einsum("thd,cd->thc", q, rows)))
 
@@ -300,7 +338,7 @@ class ForwardModel:
         # Softmax over the candidates as the last dim: over dim 1 torch picks its strided
         # "spatial" kernel, measured 33 µs per call at [1, 128, 512] on H200 (62 calls a step).
         pooled = (torch.softmax(score.transpose(1, 2), -1) * kv.transpose(1, 2)).sum(-1)
-        return finish(apply_rope(rms_norm(pooled, norm, self.config.norm_eps), starts, omega))
+        return finish(self.rope(self.norm(pooled, norm), starts, omega))
 
     def _compress_step(self, a, z, pos, kv_f, score_f, rows, norm, r, omega, finish):
         """One token, graph-safe: always pool, write the row only where the window completes."""

@@ -103,3 +103,22 @@ def test_int8_moe_step_matches_int8_oracle(model_path, tol):
             want = int8_expert_moe(x, tok, ref.model.weights.layer(i), ref.config, torch.float32)
             got = cu.model.moe_step(x, tok, layer)
             assert ((got - want).norm() / want.norm()).item() <= tol("moe_layer_int8"), (i, token)
+
+
+def test_triton_glue_forward_matches_reference(model_path, tokens, tol, logprob_error):
+    """RMS norm and RoPE through kernels/glue.py (interpreter), mat-vecs on twins, exact numerics:
+    prefill + a few decode steps (ring wrap, compressor emits, negative window starts)."""
+    from dwarfstar.engine.cuda_engine import CudaEngine
+    from dwarfstar.model.forward import TWIN_GLUE_OPS
+
+    ref = Engine.load(model_path, EngineOptions(backend="reference", ctx=64, numerics="exact")).new_session()
+    cu = CudaEngine.load(model_path, EngineOptions(backend="cuda", ctx=64, numerics="exact"),
+                         ops=TWIN_GLUE_OPS).new_session()
+    ref.sync(tokens[:N_PROMPT])
+    cu.sync(tokens[:N_PROMPT])
+    errors = [logprob_error(ref.logits(), cu.logits())]
+    for t in tokens[N_PROMPT:N_PROMPT + 6]:
+        ref.eval(t)
+        cu.eval(t)
+        errors.append(logprob_error(ref.logits(), cu.logits()))
+    assert max(errors) <= tol("exact_numerics"), errors

@@ -1,0 +1,108 @@
+"""Decode glue in one launch each: RMS norm, and partial RoPE from a cos/sin table.
+
+Dims: R rows, D row width, T tokens, Dv vector width, P table positions, NP = d_r / 2 pairs.
+
+Contract:
+- `rms_norm(x, weight, eps)`: x float32 [..., D] -> x * rsqrt(mean(x^2) + eps) (* weight),
+  as model/numerics.rms_norm (which takes 4-5 torch launches; here one program per row).
+- `rope_table(omega, n)`: (cos, sin) float32 [n, NP] for positions 0..n-1, computed exactly
+  as model/rope.apply_rope computes its factors (float64 angle, cos/sin, then float32).
+- `rope(x, positions, cos, sin, inverse=False)`: x float32 [T, ..., Dv], positions int64 [T]
+  (< n of the table) -> x with the last 2 NP dims rotated pairwise as apply_rope (inverse:
+  angle -phi). Works in place on a contiguous x (the forward never reuses an unrotated
+  tensor) and returns it. About 14 torch launches in apply_rope, one here. Positions < 0
+  use row 0 (their rows are discarded by the caller).
+Both differ from their twins (`rms_norm_ref`, `rope_ref`) by fp32 rounding only (sum order,
+contraction into FMA).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dwarfstar.model.numerics import rms_norm as rms_norm_ref
+from dwarfstar.model.rope import apply_rope
+
+NORM_BLOCK = 1024
+
+
+def rope_table(omega: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    phi = torch.arange(n, dtype=torch.float64, device=omega.device)[:, None] * omega.double()[None, :]
+    return phi.cos().float().contiguous(), phi.sin().float().contiguous()
+
+
+def rope_ref(x, positions, omega_or_table, inverse: bool = False, omega=None):
+    """Twin: model/rope.apply_rope (the table is ignored; omega is what the twin needs)."""
+    return apply_rope(x, positions, omega, inverse)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, D, eps, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = row * D
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK):
+        offs = d0 + tl.arange(0, BLOCK)
+        v = tl.load(x_ptr + base + offs, mask=offs < D, other=0.0)
+        acc += v * v
+    r = 1.0 / tl.sqrt_rn(tl.sum(acc, axis=0) / D + eps)
+    for d0 in range(0, D, BLOCK):
+        offs = d0 + tl.arange(0, BLOCK)
+        m = offs < D
+        y = tl.load(x_ptr + base + offs, mask=m, other=0.0) * r
+        if HAS_W:
+            y = y * tl.load(w_ptr + offs, mask=m, other=0.0)
+        tl.store(y_ptr + base + offs, y, mask=m)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    assert x.dtype == torch.float32, "x: float32"
+    d = x.shape[-1]
+    xc = x.contiguous()
+    y = torch.empty_like(xc)
+    if weight is not None:
+        assert weight.dtype == torch.float32 and weight.is_contiguous() and weight.shape == (d,)
+    block = min(NORM_BLOCK, triton.next_power_of_2(d))
+    _rms_norm_kernel[(xc.numel() // d,)](xc, weight if weight is not None else xc, y, d, eps,
+                                         HAS_W=weight is not None, BLOCK=block, num_warps=4)
+    return y
+
+
+@triton.jit
+def _rope_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, R, DV, HEAD,
+                 NP: tl.constexpr, INVERSE: tl.constexpr, BLOCK_R: tl.constexpr):
+    t = tl.program_id(0)
+    rb = tl.program_id(1)
+    # Negative positions (a compressor window not yet complete in decode) read row 0: the
+    # forward discards those rows; the clamp only keeps the load inside the table.
+    p = tl.maximum(tl.load(pos_ptr + t), 0)
+    j = tl.arange(0, NP)
+    c = tl.load(cos_ptr + p * NP + j)
+    s = tl.load(sin_ptr + p * NP + j)
+    if INVERSE:
+        s = -s
+    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    m = (rows < R)[:, None]
+    ptr = x_ptr + ((t.to(tl.int64) * R + rows) * DV + HEAD)[:, None] + 2 * j[None, :]
+    a = tl.load(ptr, mask=m, other=0.0)
+    b = tl.load(ptr + 1, mask=m, other=0.0)
+    tl.store(ptr, a * c[None, :] - b * s[None, :], mask=m)
+    tl.store(ptr + 1, a * s[None, :] + b * c[None, :], mask=m)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+         inverse: bool = False) -> torch.Tensor:
+    assert x.dtype == torch.float32 and positions.dtype == torch.int64 and positions.shape == (x.shape[0],)
+    n_pairs = cos.shape[1]
+    assert cos.is_contiguous() and sin.is_contiguous() and cos.shape == sin.shape
+    assert n_pairs & (n_pairs - 1) == 0, "pairs per vector: a power of two"
+    x = x.contiguous()
+    t, dv = x.shape[0], x.shape[-1]
+    r = x.numel() // max(1, t * dv)
+    block_r = min(16, triton.next_power_of_2(max(r, 1)))
+    if t > 0 and r > 0:
+        _rope_kernel[(t, triton.cdiv(r, block_r))](x, positions, cos, sin, r, dv, dv - 2 * n_pairs,
+                                                   NP=n_pairs, INVERSE=inverse, BLOCK_R=block_r, num_warps=2)
+    return x
