@@ -61,3 +61,71 @@ def hc_split(mix, scale, base, n: int, iters: int, eps: float):
     m = torch.empty(t, n, n, dtype=torch.float32, device=mix.device)
     _hc_split_kernel[(t,)](mix, scale, base, pre, post, m, eps, N=n, M=width, ITERS=iters, num_warps=1)
     return pre, post, m
+
+
+# ---- the stream mixes around a sublayer (one launch each) -----------------------------
+# `hc_post(f, x, post, m)`: f [T, D], x [T, n, D], post [T, n], m [T, n, n] ->
+# post[t, j] f[t] + sum_i m[t, i, j] x[t, i]  [T, n, D] (model/hc.py hc_post; a torch
+# broadcast + einsum is 4-5 launches). `hc_weighted_sum(x, pre)` -> sum_i pre[t, i] x[t, i]
+# [T, D] (2 launches in torch). Both differ from their twins by fp32 summation order only.
+
+def hc_post_ref(f, x, post, m):
+    return post[:, :, None] * f[:, None, :] + torch.einsum("tij,tid->tjd", m, x)
+
+
+def hc_weighted_sum_ref(x, pre):
+    return (pre[:, :, None] * x).sum(1)
+
+
+@triton.jit
+def _hc_post_kernel(f_ptr, x_ptr, post_ptr, m_ptr, y_ptr, D, N: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = offs < D
+    i = tl.arange(0, N)
+    x = tl.load(x_ptr + (t * N + i[:, None]) * D + offs[None, :], mask=mask[None, :], other=0.0)   # [n(i), BD]
+    m_t = tl.load(m_ptr + t * N * N + i[None, :] * N + i[:, None])                                  # [n(j), n(i)]
+    mixed = tl.sum(m_t[:, :, None] * x[None, :, :], axis=1)                                         # [n(j), BD]
+    f = tl.load(f_ptr + t * D + offs, mask=mask, other=0.0)
+    post = tl.load(post_ptr + t * N + i)
+    y = post[:, None] * f[None, :] + mixed
+    tl.store(y_ptr + (t * N + i[:, None]) * D + offs[None, :], y, mask=mask[None, :])
+
+
+@triton.jit
+def _hc_weighted_sum_kernel(x_ptr, pre_ptr, y_ptr, D, N: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = offs < D
+    i = tl.arange(0, N)
+    x = tl.load(x_ptr + (t * N + i[:, None]) * D + offs[None, :], mask=mask[None, :], other=0.0)
+    pre = tl.load(pre_ptr + t * N + i)
+    tl.store(y_ptr + t * D + offs, tl.sum(pre[:, None] * x, axis=0), mask=mask)
+
+
+def _check_streams(x, *small):
+    t, n, _ = x.shape
+    assert n & (n - 1) == 0, "stream count: a power of two"
+    for a in (x, *small):
+        assert a.dtype == torch.float32 and a.is_contiguous() and a.shape[0] == t
+    return t, n
+
+
+HC_BLOCK_D = 512
+
+
+def hc_post(f, x, post, m):
+    f = f.contiguous()
+    t, n = _check_streams(x, f, post, m)
+    d = x.shape[2]
+    y = torch.empty_like(x)
+    _hc_post_kernel[(t, triton.cdiv(d, HC_BLOCK_D))](f, x, post, m, y, d, N=n, BLOCK_D=HC_BLOCK_D, num_warps=4)
+    return y
+
+
+def hc_weighted_sum(x, pre):
+    t, n = _check_streams(x, pre)
+    d = x.shape[2]
+    y = torch.empty(t, d, dtype=x.dtype, device=x.device)
+    _hc_weighted_sum_kernel[(t, triton.cdiv(d, HC_BLOCK_D))](x, pre, y, d, N=n, BLOCK_D=HC_BLOCK_D, num_warps=4)
+    return y

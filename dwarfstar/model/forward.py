@@ -35,7 +35,7 @@ from dwarfstar.engine.cuda_state import CudaDecodeState, CudaLayerState
 from dwarfstar.kernels.glue import rms_norm as glue_rms_norm
 from dwarfstar.kernels.glue import rope as glue_rope
 from dwarfstar.kernels.glue import rope_table
-from dwarfstar.kernels.hc import hc_split, hc_split_ref
+from dwarfstar.kernels.hc import hc_post, hc_post_ref, hc_split, hc_split_ref, hc_weighted_sum, hc_weighted_sum_ref
 from dwarfstar.kernels.matvec import MAX_COLS, expert_matvec, expert_matvec_ref, matvec, matvec_ref
 from dwarfstar.kernels.moe import QBLOCK, moe_down, moe_down_ref, moe_gate_up, moe_gate_up_ref, quantize_act_ref
 from dwarfstar.kernels.repack import Planar, dequantize_planar, select_experts
@@ -192,11 +192,14 @@ class ForwardModel:
         t, n, _ = x.shape
         mix = self.proj(fn, self.norm(x.reshape(t, -1), None))      # [T, (2+n)n]
         pre, post, m = self.ops.hc_split(mix, scale, base, n, c.hc_sinkhorn_iters, c.hc_eps)
-        return (pre[:, :, None] * x).sum(1), post, m
+        return self.hc_sum(x, pre), post, m
 
-    @staticmethod
-    def hc_post(f, x, post, m):
-        return post[:, :, None] * f[:, None, :] + torch.einsum("tij,tid->tjd", m, x)
+    def hc_post(self, f, x, post, m):
+        return (hc_post if self.ops.glue else hc_post_ref)(f, x, post, m)
+
+    def hc_sum(self, x, weights):
+        """sum_i weights[t, i] x[t, i]: [T, n, D] -> [T, D]."""
+        return (hc_weighted_sum if self.ops.glue else hc_weighted_sum_ref)(x, weights)
 
     # ---- whole model ------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -207,7 +210,7 @@ class ForwardModel:
         c, t = self.config, x.shape[0]
         mix = self.proj(self.t["output_hc_fn.weight"], self.norm(x.reshape(t, -1), None))
         wts = torch.sigmoid(self.t["output_hc_scale.weight"][0] * mix + self.t["output_hc_base.weight"]) + c.hc_eps
-        y = self.norm((wts[:, :, None] * x).sum(1), self.t["output_norm.weight"])
+        y = self.norm(self.hc_sum(x, wts.contiguous()), self.t["output_norm.weight"])
         return self.proj(self.t["output.weight"], y)                          # [T, V]
 
     def block(self, x, tokens, positions, layer: Layer, s: CudaLayerState, state, chunk_t0):
