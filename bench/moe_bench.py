@@ -35,6 +35,11 @@ CASES = [("q2", 1), ("q2", 2), ("q2", 4), ("q4", 1), ("q4", 4)]
 SWEEP = [(bn, nw, ns) for bn in (4, 8, 16) for nw in (2, 4) for ns in (1, 2, 3)]
 
 
+def tiling(t) -> dict:
+    """Launcher keywords for a (block_n, num_warps, num_stages) triple; None = the default."""
+    return {k: v for k, v in zip(("block_n", "num_warps", "num_stages"), t) if v is not None}
+
+
 def weights(quant, gen):
     tg, td = QUANTS[quant]
     mk = lambda t, shape: repack(random_raw(t, shape, gen), t, shape)
@@ -69,13 +74,13 @@ def run_quant(quant, n_toks, gen, read_gbps, quick):
         act_gu, act_down = 4 * b * (D + TOP_K * F), 4 * b * (TOP_K * F + D)
         kinds = {
             "gate_up": (distinct * per_gu + act_gu,
-                        lambda ids, t: moe_gate_up(gate, up, x, ids, wts, LIMIT, out=mid, block_n=t[0], num_warps=t[1], num_stages=t[2])),
+                        lambda ids, t: moe_gate_up(gate, up, x, ids, wts, LIMIT, out=mid, **tiling(t))),
             "down": (distinct * per_down + act_down,
-                     lambda ids, t: moe_down(down, mid, ids, out=y, block_n=t[0], num_warps=t[1], num_stages=t[2])),
+                     lambda ids, t: moe_down(down, mid, ids, out=y, **tiling(t))),
         }
         best = {}
         for kind, (n_bytes, fn) in kinds.items():
-            sweep = [(8, 4, 2)] if quick else SWEEP
+            sweep = [(None, None, None)] if quick else SWEEP
             timed = [(time_graph([lambda ids=ids, t=t: fn(ids, t) for ids in sets]), t) for t in sweep]
             us, tiling = min(timed)
             best[kind] = tiling

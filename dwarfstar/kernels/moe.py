@@ -53,11 +53,12 @@ from dwarfstar.shape import QK_K
 # Activation quantisation block (one int8 scale per 32 inputs).
 QBLOCK = 32
 FMT = {PlanarIQ2XXS: 1, PlanarQ2K: 2, PlanarQ4K: 3}
-# Defaults; bench/moe_bench.py sweeps (block_n, num_warps) on the device.
+# Defaults = the q2 B = 1 winners of bench/moe_bench.py's sweep on H200 (docs/PERF.md,
+# 2026-11-24): gate/up (8, 2 warps, 3 stages), down (16, 2, 3).
 GATE_UP_BLOCK_N = 8
-DOWN_BLOCK_N = 8
-NUM_WARPS = 4
-NUM_STAGES = 2
+DOWN_BLOCK_N = 16
+NUM_WARPS = 2
+NUM_STAGES = 3
 
 
 def quantize_act_ref(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
