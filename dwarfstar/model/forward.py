@@ -39,7 +39,7 @@ from dwarfstar.kernels.hc import hc_post, hc_post_ref, hc_split, hc_split_ref, h
 from dwarfstar.kernels.matvec import MAX_COLS, expert_matvec, expert_matvec_ref, matvec, matvec_ref
 from dwarfstar.kernels.moe import QBLOCK, moe_down, moe_down_ref, moe_gate_up, moe_gate_up_ref, quantize_act_ref
 from dwarfstar.kernels.repack import Planar, dequantize_planar, select_experts
-from dwarfstar.kernels.rounding import hadamard_round, stable_topk
+from dwarfstar.kernels.rounding import hadamard_round, kv_round, stable_topk
 from dwarfstar.model.attention import _attend
 from dwarfstar.model.moe import ROUTE_SUM_FLOOR, swiglu
 from dwarfstar.model.moe import stable_topk as sort_topk
@@ -177,6 +177,8 @@ class ForwardModel:
 
     def kv_rounding(self, row: torch.Tensor) -> torch.Tensor:
         n_nope = self.config.nope_head_dim
+        if self.ops.glue and (self.numerics.fp8_kv or self.numerics.half_cache):
+            return kv_round(row, n_nope, self.numerics.fp8_kv, self.numerics.half_cache)
         if self.numerics.fp8_kv:
             row = torch.cat([fp8_sim(row[..., :n_nope]), row[..., n_nope:]], -1)
         return half_round(row) if self.numerics.half_cache else row

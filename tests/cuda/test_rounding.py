@@ -30,3 +30,21 @@ def test_stable_topk_matches_sort_with_ties(n, k):
     v[1, n // 2:] = float("-inf")
     v[2] = torch.randn(n, generator=g)
     assert torch.equal(stable_topk(v, k), sort_topk(v, k))
+
+
+@pytest.mark.parametrize("fp8,half", [(True, True), (True, False), (False, True)])
+def test_kv_round_matches_kv_row_rounding(fp8, half):
+    """Bit-equal to the reference rounding on random rows (incl. tiny and huge blocks, exact
+    E4M3 midpoints); see rounding.py for the one-in-a-million log2 edge it avoids."""
+    from dwarfstar.kernels.rounding import kv_round
+    from dwarfstar.model.numerics import Numerics, kv_row_rounding
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=dev).manual_seed(int(fp8) * 2 + int(half))
+    x = torch.randn(5, 512, generator=g, device=dev) * torch.logspace(-6, 3, 5, device=dev)[:, None]
+    x[0, :64] = torch.arange(64, device=dev) * 0.5 + 0.25        # ties on the E4M3 grid
+    x[1, 64:128] = 0.0                                            # all-zero block: amax floor
+    num = Numerics(fp8_kv=fp8, half_cache=half, fp4_indexer=False)
+    want = kv_row_rounding(x, 448, num)
+    got = kv_round(x, 448, fp8, half)
+    assert torch.equal(got, want)
