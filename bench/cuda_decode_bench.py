@@ -122,6 +122,8 @@ def main() -> None:
     p.add_argument("--ctx", type=int, nargs="+", default=[2048, 32768])
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--profile-ctx", type=int, default=None, help="context of the per-kernel profile")
+    p.add_argument("--compare-no-glue", action="store_true",
+                   help="also time the first ctx with the glue kernels off (torch glue, as before)")
     args = p.parse_args()
     from bandwidth import read_bandwidth
 
@@ -153,6 +155,17 @@ def main() -> None:
             prof = kernel_profile(engine, session)
         del session
         torch.cuda.empty_cache()
+    no_glue = None
+    if args.compare_no_glue:
+        from dwarfstar.model.forward import TRITON_OPS
+
+        engine.model.ops = dataclasses.replace(TRITON_OPS, glue=False)
+        session = engine.new_session(ctx=args.ctx[0] + 64)
+        fill_state(session, args.ctx[0], gen)
+        no_glue = {"ctx": args.ctx[0], "ms_per_token": time_graph(session, args.steps)}
+        engine.model.ops = TRITON_OPS
+        print(f"glue kernels off: ctx {args.ctx[0]} {no_glue['ms_per_token']:.2f} ms/token")
+        del session
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"device {torch.cuda.get_device_name()}, layers {args.layers}, commit {commit}, "
           f"streaming read {read_gbs:.0f} GB/s, dummy weights {w_bytes / GIB:.2f} GiB "
@@ -169,7 +182,7 @@ def main() -> None:
     for name, n, us in prof[:25]:
         print(f"  {us:9.1f} µs {100 * us / step_us:5.1f}%  x{n:<5} {name}")
     print(json.dumps({"device": torch.cuda.get_device_name(), "layers": args.layers, "commit": commit,
-                      "read_gbs": read_gbs, "weight_bytes": w_bytes, "results": results,
+                      "read_gbs": read_gbs, "weight_bytes": w_bytes, "results": results, "no_glue": no_glue,
                       "kernels": [{"name": n, "launches": c, "us": u} for n, c, u in prof[:25]]}))
 
 
