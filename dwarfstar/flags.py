@@ -1,17 +1,20 @@
-"""A small left-to-right flag parser shared by `ds4` and `ds4-bench` (cli.md §1.2).
+"""A small left-to-right flag parser shared by `ds4`, `ds4-bench` and `ds4-server` (cli.md §1.2).
 
 Contract:
-- `parse(prog, argv, table, missing=...)` returns `{dest: value}` for every flag seen,
-  in order, later flags overriding earlier ones. Flags taking a value consume the next
-  argv element verbatim (no `--opt=value`, a value may start with `-`).
+- `parse(prog, argv, table, bench_style=False, usage="")` returns `{dest: value}` for
+  every flag seen, in order, later flags overriding earlier ones. Flags taking a value
+  consume the next argv element verbatim (no `--opt=value`, a value may start with `-`).
 - Errors raise `UsageError(message, exit_code=2)` with ds4's wording:
   `<prog>: missing value for <opt>` (or the bench form `<opt> requires an argument`),
   `<prog>: invalid value for <opt>: <v>`, `<prog>: unknown option: <opt>`.
 - `-h`/`--help` raises `HelpRequested`; the caller prints its usage to stdout, exit 0.
+- With `usage=TEXT`, `HelpRequested` carries TEXT and the unknown-option message ends
+  with a newline and TEXT (the server's form); without it both are bare.
 
 Value kinds: "flag" (no value; stores `const`), "str", "int" (> 0), "int0" (>= 0),
 "u64" (1 .. 2**64-1), "float" (finite, inside [lo, hi]), "choice" (one of `choices`).
-Integers are decimal and must parse as a whole (no sign, no spaces, no underscores).
+Integers are decimal and must parse as a whole (no sign, no spaces, no underscores);
+they are also at most `hi` (e.g. a port's 65535).
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def _convert(prog: str, flag: Flag, opt: str, text: str) -> Any:
             raise bad
         value = int(text)
         top = U64_MAX if flag.kind == "u64" else INT_MAX
-        if value > top or (value == 0 and flag.kind != "int0"):
+        if value > min(top, flag.hi) or (value == 0 and flag.kind != "int0"):
             raise bad
         return value
     if flag.kind == "float":
@@ -78,7 +81,8 @@ def _convert(prog: str, flag: Flag, opt: str, text: str) -> Any:
     raise AssertionError(f"unknown flag kind {flag.kind}")
 
 
-def parse(prog: str, argv: list[str], table: list[Flag], bench_style: bool = False) -> dict[str, Any]:
+def parse(prog: str, argv: list[str], table: list[Flag], bench_style: bool = False,
+          usage: str = "") -> dict[str, Any]:
     """Parse argv against the table; see the module docstring for the rules."""
     by_name = {name: flag for flag in table for name in flag.names}
     values: dict[str, Any] = {}
@@ -86,10 +90,10 @@ def parse(prog: str, argv: list[str], table: list[Flag], bench_style: bool = Fal
     while i < len(argv):
         opt = argv[i]
         if opt in ("-h", "--help"):
-            raise HelpRequested()
+            raise HelpRequested(usage)
         flag = by_name.get(opt)
         if flag is None:
-            raise UsageError(f"{prog}: unknown option: {opt}")
+            raise UsageError(f"{prog}: unknown option: {opt}" + (f"\n{usage}" if usage else ""))
         if flag.kind == "flag":
             values[flag.dest] = flag.const
             i += 1

@@ -2,9 +2,9 @@
 
 Contract: `parse_args(argv)` returns a frozen `ServerOptions` or raises
 `UsageError(message, exit_code)`; `-h/--help` raises `HelpRequested` carrying
-the usage text. Parsing follows ds4's rules, not argparse's: left to right,
-later wins, a value is always the next argv element (no `--opt=value`),
-integers must be > 0 unless the table says >= 0.
+the usage text. Parsing is `dwarfstar.flags` (ds4's rules, as for `ds4`): left
+to right, later wins, a value is always the next argv element (no
+`--opt=value`), integers are whole decimals > 0 unless the table says >= 0.
 
 The disk KV cache flags (server.md §10.1) configure server/kvdisk.py; the cache
 is on only with `--kv-disk-dir`.
@@ -12,26 +12,17 @@ is on only with `--kv-disk-dir`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
+
+from dwarfstar import flags
+# HelpRequested and UsageError are this module's contract too (server/main.py catches them).
+from dwarfstar.flags import Flag, HelpRequested, UsageError  # noqa: F401
 
 PROG = "ds4-server"
 DEFAULT_MODEL = "ds4flash.gguf"
 DEFAULT_CTX = 32768
 # Default output limit when a request omits one (server.md §4, cli.md §3).
 DEFAULT_TOKENS = 393216
-
-
-class UsageError(Exception):
-    """Bad command line; `exit_code` is what the process must exit with."""
-
-    def __init__(self, message: str, exit_code: int = 2):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class HelpRequested(Exception):
-    """-h/--help: print `str(self)` to stdout and exit 0."""
 
 
 @dataclass(frozen=True)
@@ -114,91 +105,45 @@ testing only:
 Weights: the published files are at https://huggingface.co/antirez/deepseek-v4-gguf
 """
 
-# flag -> (field, kind); kind: str, int (> 0), int0 (>= 0), float ranges, flag.
-_VALUED = {
-    "-m": ("model", "str"), "--model": ("model", "str"),
-    "-c": ("ctx", "int"), "--ctx": ("ctx", "int"),
-    "-t": ("threads", "int"), "--threads": ("threads", "int"),
-    "-n": ("tokens", "int"), "--tokens": ("tokens", "int"),
-    "--host": ("host", "str"), "--port": ("port", "port"),
-    "--trace": ("trace", "str"), "--chdir": ("chdir", "str"),
-    "--backend": ("backend", "backend"),
-    "--mtp": ("mtp", "str"), "--mtp-draft": ("mtp_draft", "int"),
-    "--mtp-margin": ("mtp_margin", (0.0, 1000.0)),
-    "--dir-steering-file": ("dir_steering_file", "str"),
-    "--dir-steering-ffn": ("dir_steering_ffn", (-100.0, 100.0)),
-    "--dir-steering-attn": ("dir_steering_attn", (-100.0, 100.0)),
-    "--kv-disk-dir": ("kv_disk_dir", "str"),
-    "--kv-disk-space-mb": ("kv_disk_space_mb", "int"),
-    "--kv-cache-min-tokens": ("kv_cache_min_tokens", "int"),
-    "--kv-cache-cold-max-tokens": ("kv_cache_cold_max_tokens", "int0"),
-    "--kv-cache-continued-interval-tokens": ("kv_cache_continued_interval_tokens", "int0"),
-    "--kv-cache-boundary-trim-tokens": ("kv_cache_boundary_trim_tokens", "int0"),
-    "--kv-cache-boundary-align-tokens": ("kv_cache_boundary_align_tokens", "int0"),
-    "--tool-memory-max-ids": ("tool_memory_max_ids", "int"),
-    "--debug-forced-output": ("debug_forced_output", "str"),
-}
-_SWITCHES = {
-    "--cors": ("cors", True),
-    "--quality": ("quality", True),
-    "--warm-weights": ("warm_weights", True),
-    "--kv-cache-reject-different-quant": ("kv_cache_reject_different_quant", True),
-    "--disable-exact-dsml-tool-replay": ("exact_dsml_replay", False),
-    "--cpu": ("backend", "cpu"),
-    "--cuda": ("backend", "cuda"),
-    "--metal": ("backend", "metal"),
-}
-
-
-def _convert(opt: str, text: str, kind):
-    """One option value, checked per cli.md §1.2."""
-    bad = UsageError(f"{PROG}: invalid value for {opt}: {text}")
-    if kind == "str":
-        return text
-    if kind == "backend":
-        if text not in ("cpu", "cuda", "metal"):
-            raise bad
-        return text
-    if kind in ("int", "int0", "port"):
-        try:
-            value = int(text, 10)
-        except ValueError:
-            raise bad from None
-        low = 0 if kind == "int0" else 1
-        if value < low or (kind == "port" and value > 65535):
-            raise bad
-        return value
-    low, high = kind
-    try:
-        value = float(text)
-    except ValueError:
-        raise bad from None
-    if not math.isfinite(value) or not low <= value <= high:
-        raise bad
-    return value
+FLAGS = [
+    Flag(("-m", "--model"), "model", "str"),
+    Flag(("-c", "--ctx"), "ctx", "int"),
+    Flag(("-t", "--threads"), "threads", "int"),
+    Flag(("-n", "--tokens"), "tokens", "int"),
+    Flag(("--host",), "host", "str"),
+    Flag(("--port",), "port", "int", hi=65535),
+    Flag(("--cors",), "cors"),
+    Flag(("--trace",), "trace", "str"),
+    Flag(("--chdir",), "chdir", "str"),
+    Flag(("--backend",), "backend", "choice", choices=("cpu", "cuda", "metal")),
+    Flag(("--cpu",), "backend", const="cpu"),
+    Flag(("--cuda",), "backend", const="cuda"),
+    Flag(("--metal",), "backend", const="metal"),
+    Flag(("--mtp",), "mtp", "str"),
+    Flag(("--mtp-draft",), "mtp_draft", "int"),
+    Flag(("--mtp-margin",), "mtp_margin", "float", lo=0.0, hi=1000.0),
+    Flag(("--quality",), "quality"),
+    Flag(("--warm-weights",), "warm_weights"),
+    Flag(("--dir-steering-file",), "dir_steering_file", "str"),
+    Flag(("--dir-steering-ffn",), "dir_steering_ffn", "float", lo=-100.0, hi=100.0),
+    Flag(("--dir-steering-attn",), "dir_steering_attn", "float", lo=-100.0, hi=100.0),
+    Flag(("--kv-disk-dir",), "kv_disk_dir", "str"),
+    Flag(("--kv-disk-space-mb",), "kv_disk_space_mb", "int"),
+    Flag(("--kv-cache-min-tokens",), "kv_cache_min_tokens", "int"),
+    Flag(("--kv-cache-cold-max-tokens",), "kv_cache_cold_max_tokens", "int0"),
+    Flag(("--kv-cache-continued-interval-tokens",), "kv_cache_continued_interval_tokens", "int0"),
+    Flag(("--kv-cache-boundary-trim-tokens",), "kv_cache_boundary_trim_tokens", "int0"),
+    Flag(("--kv-cache-boundary-align-tokens",), "kv_cache_boundary_align_tokens", "int0"),
+    Flag(("--kv-cache-reject-different-quant",), "kv_cache_reject_different_quant"),
+    Flag(("--tool-memory-max-ids",), "tool_memory_max_ids", "int"),
+    Flag(("--disable-exact-dsml-tool-replay",), "exact_dsml_replay", const=False),
+    Flag(("--debug-forced-output",), "debug_forced_output", "str"),
+]
 
 
 def parse_args(argv: list[str]) -> ServerOptions:
     """argv (without the program name) -> ServerOptions; see the module docstring."""
-    values: dict = {}
-    i = 0
-    while i < len(argv):
-        opt = argv[i]
-        if opt in ("-h", "--help"):
-            raise HelpRequested(USAGE)
-        if opt in _SWITCHES:
-            field, value = _SWITCHES[opt]
-            values[field] = value
-        elif opt in _VALUED:
-            if i + 1 >= len(argv):
-                raise UsageError(f"{PROG}: missing value for {opt}")
-            field, kind = _VALUED[opt]
-            values[field] = _convert(opt, argv[i + 1], kind)
-            i += 1
-        else:
-            raise UsageError(f"{PROG}: unknown option: {opt}\n{USAGE}")
-        i += 1
-    options = replace(ServerOptions(), **values)
+    options = ServerOptions(**flags.parse(PROG, argv, FLAGS, usage=USAGE))
     if options.host == "localhost":
         options = replace(options, host="127.0.0.1")
     cold, low = options.kv_cache_cold_max_tokens, options.kv_cache_min_tokens

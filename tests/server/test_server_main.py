@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dwarfstar.server.main import main
-from dwarfstar.server.options import (_SWITCHES, _VALUED, DEFAULT_TOKENS, HelpRequested, ServerOptions, UsageError,
-                                      parse_args)
+from dwarfstar.server.options import DEFAULT_TOKENS, FLAGS, HelpRequested, ServerOptions, UsageError, parse_args
 
 
 def test_defaults():
@@ -43,16 +42,26 @@ def test_usage_errors_exit_2(argv, message):
     assert message in str(err.value) and err.value.exit_code == 2
 
 
+@pytest.mark.parametrize("argv", [["--ctx", "1_0"], ["--port", "8_000"], ["--mtp-margin", "1_0"],
+                                  ["--ctx", str(2**31)]])
+def test_numbers_parse_whole_as_ds4_reads_them(argv):
+    # cli.md §1.2: the whole string must parse (ds4's strtol/strtod stop at "_"; ints are
+    # int32); Python's int() and float() take underscores and any size.
+    with pytest.raises(UsageError) as err:
+        parse_args(argv)
+    assert str(err.value) == f"ds4-server: invalid value for {argv[0]}: {argv[1]}" and err.value.exit_code == 2
+
+
 def test_help_documents_every_flag_and_the_kv_defaults():
     with pytest.raises(HelpRequested) as help_text:
         parse_args(["-h"])
     text = str(help_text.value)
-    for name in [*_VALUED, *_SWITCHES]:
+    for name in [name for flag in FLAGS for name in flag.names]:
         assert name in text, name
     kv = text[text.index("disk KV cache"):text.index("testing only:")]
     assert "not implemented" not in kv and "reserved" not in kv
     defaults = ServerOptions()
-    for name, (field, _) in _VALUED.items():
+    for name, field in [(flag.names[0], flag.dest) for flag in FLAGS if flag.kind != "flag"]:
         if name.startswith("--kv-") and name != "--kv-disk-dir":
             # The help of each valued --kv flag runs to the next flag; it names the real default.
             entry = kv[kv.index(name):].split("\n  --", 1)[0]
