@@ -15,6 +15,17 @@ TOLERANCES = {
 }
 
 
+@pytest.fixture
+def single_thread():
+    """One intra-op thread, restored after the test: tiny-model tests run many small ops and
+    OpenMP wake-up costs made them ~10x slower on a busy 2-core machine (tests/engine and
+    tests/model use it for every test)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -89,16 +89,11 @@ def _user(content) -> list[dict]:
 
 
 def _functions(body: dict) -> list:
-    tools = body.get("tools")
     choice = body.get("tool_choice")
-    if tools is None or (isinstance(choice, dict) and choice.get("type") == "none"):
+    if isinstance(choice, dict) and choice.get("type") == "none":
         return []
-    if not isinstance(tools, list):
-        raise invalid_json("tools")
     functions = []
-    for tool in tools:
-        if not isinstance(tool, dict):
-            raise invalid_json("tools")
+    for tool in fields.get_objects(body, "tools"):
         if "input_schema" in tool or "name" in tool and "type" not in tool:
             function = {"name": tool.get("name", "")}
             if "description" in tool:

@@ -45,31 +45,32 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def get_str(body: dict, key: str, default=None):
+def _get(body: dict, key: str, default, is_valid):
+    """The field as is when `is_valid(value)`; `default` when absent or null; else 400."""
     value = body.get(key)
     if value is None:
         return default
-    if not isinstance(value, str):
+    if not is_valid(value):
         raise invalid_json(key)
     return value
+
+
+def get_str(body: dict, key: str, default=None):
+    return _get(body, key, default, lambda value: isinstance(value, str))
 
 
 def get_bool(body: dict, key: str, default=None):
-    value = body.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise invalid_json(key)
-    return value
+    return _get(body, key, default, lambda value: isinstance(value, bool))
 
 
 def get_float(body: dict, key: str, default=None):
-    value = body.get(key)
-    if value is None:
-        return default
-    if not is_number(value):
-        raise invalid_json(key)
-    return float(value)
+    value = _get(body, key, None, is_number)
+    return default if value is None else float(value)
+
+
+def get_objects(body: dict, key: str) -> list[dict]:
+    """An array of objects (e.g. `tools`); absent or null -> []."""
+    return _get(body, key, [], lambda value: isinstance(value, list) and all(isinstance(v, dict) for v in value))
 
 
 def get_int(body: dict, key: str, default=None):

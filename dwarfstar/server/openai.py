@@ -92,15 +92,10 @@ def chat_message(raw) -> dict:
 
 def chat_tools(body: dict) -> list:
     """Function objects of `tools`, or [] when absent or disabled by tool_choice "none"."""
-    tools = body.get("tools")
-    if tools is None or body.get("tool_choice") == "none":
+    if body.get("tool_choice") == "none":
         return []
-    if not isinstance(tools, list):
-        raise invalid_json("tools")
     functions = []
-    for tool in tools:
-        if not isinstance(tool, dict):
-            raise invalid_json("tools")
+    for tool in fields.get_objects(body, "tools"):
         function = tool.get("function") if tool.get("type", "function") == "function" else tool
         functions.append(function if isinstance(function, dict) else tool)
     return functions

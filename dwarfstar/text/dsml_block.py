@@ -100,18 +100,22 @@ def _attr(tag_text: str, key: str) -> str | None:
     return m.group(1) if m else None
 
 
+def _json_step(ch: str, in_string: bool, escaped: bool) -> tuple[bool, bool]:
+    """(in_string, escaped) of raw JSON text after `ch`; escaped implies in_string."""
+    if escaped:
+        return True, False
+    if in_string:
+        return ch != '"', ch == "\\"
+    return ch == '"', False
+
+
 def minify_json_text(raw: str) -> str:
     """Whitespace outside JSON strings removed; the text is not validated. Empty -> null."""
     out, in_string, escaped = [], False, False
     for ch in raw:
-        if escaped:
-            escaped = False
-        elif in_string:
-            escaped, in_string = ch == "\\", ch != '"'
-        elif ch == '"':
-            in_string = True
-        elif ch in _WS:
+        if not in_string and ch in _WS:
             continue
+        in_string, escaped = _json_step(ch, in_string, escaped)
         out.append(ch)
     return "".join(out) or "null"
 
@@ -328,11 +332,6 @@ class BlockWalker:
         # we know the value is empty, which must become `null`).
         out = text if started else text.lstrip(_WS)
         for ch in out:
-            if self._escaped:
-                self._escaped = False
-            elif self.json_in_string:
-                self._escaped, self.json_in_string = ch == "\\", ch != '"'
-            elif ch == '"':
-                self.json_in_string = True
+            self.json_in_string, self._escaped = _json_step(ch, self.json_in_string, self._escaped)
         if out:
             self._args(out)

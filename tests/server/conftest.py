@@ -1,4 +1,5 @@
-"""Server test fixtures: an in-process app on the fake engine (server_fake.FakeServer)."""
+"""Server test fixtures: an in-process app on the fake engine (server_fake.FakeServer), and
+the tiny generated GGUF the live tests start real servers on (one per test module)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from server_fake import FakeServer  # noqa: E402
+
+from dwarfstar.gguf.synth import synthesize  # noqa: E402
 
 
 @pytest.fixture
@@ -30,3 +33,8 @@ def make_server(tmp_path):
 @pytest.fixture
 def server(make_server):
     return make_server()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return synthesize(tmp_path_factory.mktemp("model") / "tiny.gguf", layers=1)

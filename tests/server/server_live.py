@@ -1,4 +1,5 @@
-"""Start and stop the real `ds4-server` process for live tests (127.0.0.1 only)."""
+"""Start and stop the real `ds4-server` process for live tests (127.0.0.1 only); the
+official `openai` and `anthropic` clients pointed at one."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import anthropic
 import httpx
+import openai
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_S = 120
@@ -64,3 +67,11 @@ class LiveServer:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+
+
+def oai(server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def claude(server: LiveServer) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=120)

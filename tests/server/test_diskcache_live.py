@@ -22,9 +22,8 @@ import random
 import shutil
 import struct
 
-import openai
 import pytest
-from server_live import LiveServer
+from server_live import LiveServer, oai
 
 from dwarfstar.engine.diskcache import DiskCache, model_id, routed_quant_bits
 from dwarfstar.engine.diskcache import CacheOptions
@@ -38,18 +37,9 @@ DISK = ("--kv-cache-min-tokens", "16", "--kv-cache-cold-max-tokens", "0",
 SAMPLES = [{"temperature": 0}, {"temperature": 1, "top_p": 1, "seed": 1234}]
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return synthesize(tmp_path_factory.mktemp("model") / "tiny.gguf", layers=1)
-
-
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
 def chat(server, messages, sampling=None, n=4):
-    return client(server).chat.completions.create(model=MODEL, messages=messages, reasoning_effort="none",
-                                                  max_tokens=n, **(sampling or SAMPLES[0]))
+    return oai(server).chat.completions.create(model=MODEL, messages=messages, reasoning_effort="none",
+                                               max_tokens=n, **(sampling or SAMPLES[0]))
 
 
 def turn2(prompt: str, answer: str, user: str = "And the oldest one?"):

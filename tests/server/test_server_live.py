@@ -19,21 +19,15 @@ import anthropic
 import httpx
 import openai
 import pytest
-from server_live import LiveServer
+from server_live import LiveServer, claude, oai
 from server_samples import ARGS, FORCED, TOOLS
 
-from dwarfstar.gguf.synth import synthesize
 
 MODEL = "deepseek-v4-flash"
 GREEDY = {"temperature": 0, "reasoning_effort": "none", "max_tokens": 4}
 # A continuation prefills EOS + the tool-result turn + the generation prefix: a few dozen
 # tokens on the near-byte-level tiny vocabulary, against ~1100 for the whole prompt.
 SUFFIX_MAX = 40
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return synthesize(tmp_path_factory.mktemp("model") / "tiny.gguf", layers=1)
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +42,6 @@ def forced(tiny_model, tmp_path_factory):
     server = LiveServer(tiny_model, tmp_path_factory.mktemp("forced"), "--debug-forced-output", FORCED, "-n", "200")
     yield server
     server.stop()
-
-
-def oai(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def claude(server) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
 
 
 def ask(client, text: str, **extra):

@@ -12,12 +12,9 @@ top_p 1, min_p 0.05, top_k 0, server.md §6).
 
 from __future__ import annotations
 
-import anthropic
-import openai
 import pytest
-from server_live import LiveServer
+from server_live import LiveServer, claude, oai
 
-from dwarfstar.gguf.synth import synthesize
 
 MODEL = "deepseek-v4-flash"
 REASONING, ANSWER = "step one", "The answer."
@@ -28,11 +25,6 @@ THINKING_SAMPLING = {"temperature": "1.000", "top_p": "1.000", "min_p": "0.050",
 USER = [{"role": "user", "content": "What is it?"}]
 # The rendered prompt of USER up to the mode tag (prompt.md §4, §12); no Think Max prefix.
 RENDERED = "<｜begin▁of▁sentence｜><｜User｜>What is it?<｜Assistant｜>"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return synthesize(tmp_path_factory.mktemp("model") / "tiny.gguf", layers=1)
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +39,6 @@ def plain(tiny_model, tmp_path_factory):
     server = LiveServer(tiny_model, tmp_path_factory.mktemp("plain"), "--debug-forced-output", ANSWER, "-n", "64")
     yield server
     server.stop()
-
-
-def oai(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def claude(server) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
 
 
 def last_request(server) -> dict:
