@@ -188,6 +188,23 @@ def _weight_args(w: Planar) -> tuple[torch.Tensor, ...]:
     return w.w, w.w, w.w, w.w
 
 
+def _b1_tiling(w: Planar, n_rows: int, k: int) -> tuple[int, int, int]:
+    """(block_n, block_k, num_warps) for one column: the winners of bench/matvec_bench.py's
+    sweep on H100 (docs/PERF.md, 2026-11-23 table) by shape class. Few rows: long K tiles,
+    many warps (fewer, fuller programs); the vocab head: 8 x 2048; else 8 x 512 (K <= 4096)
+    or 4 x 1024."""
+    if isinstance(w, (PlanarQ8_0, PlanarF16)):
+        f16 = isinstance(w, PlanarF16)
+        if n_rows <= 2048:
+            return (2 if n_rows <= 1024 else 4), min(2048, triton.next_power_of_2(k)), (4 if f16 else 8)
+        if n_rows >= 65536:
+            return 8, 2048, 4
+        if f16:
+            return 2, min(1024, triton.next_power_of_2(k)), 4
+        return (8, 512, 4) if k <= 4096 else (4, 1024, 4)
+    return 2, 1024 if k <= 2048 else 2048, 8
+
+
 def _default_block_n(n_rows: int, n_slots: int, cols: int) -> int:
     """Rows per program: enough programs to fill the GPU, fewer registers as B grows."""
     block_n = 16 if n_rows * n_slots >= 16384 else 8 if n_rows * n_slots >= 4096 else 4
@@ -203,6 +220,8 @@ def _launch(w, ids, x, out, n_slots, cols, block_n, block_k, num_warps):
     assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (x.shape[0], n)
     p0, p1, p2, p3 = _weight_args(w)
     assert p0.device == x.device == out.device, "weights, x and out on one device"
+    if block_n is None and cols == 1 and block_k == BLOCK_K and num_warps == NUM_WARPS:
+        block_n, block_k, num_warps = _b1_tiling(w, n, k)
     block_n = block_n or _default_block_n(n, n_slots, cols)
     grid = (triton.cdiv(n, block_n), n_slots)
     _matvec_kernel[grid](

@@ -25,9 +25,13 @@ CUDA_TOLERANCES = {
                       "flips above, an fp32-order difference can move an int8 code of a routed expert's "
                       "input by one step (1/127 of its block's amax); measured max 0.0243 over 8 steps "
                       "at ctx 4200 and 0.0167 over 33 at ctx 300 (4-layer Flash synth, H200), 1.6x margin"),
-    "topk_flips_per_8": (1, "ctx > 4 x top-k: a one-step int8 or FP8 flip can move one ratio-4 row across "
-                         "the indexer's top-512 boundary, a discrete change of the attended set (measured "
-                         "once in 8 steps, 0.25 nats); such a step is only held to the int8 guard below"),
+    "discrete_flips": (1, "steps per test allowed past int8_official (greedy choice or top-20 error): "
+                       "an ulp-level difference (kernel vs torch sum order, FMA) can flip a discrete "
+                       "choice of the model, an FP8/int8 code, a routed expert in the top 6 or a ratio-4 "
+                       "row at the indexer's top-512 boundary, and that step then differs by tenths of "
+                       "a nat (H200: 0.25/0.28 at ctx 4200 once in 8 steps; a greedy flip with a 0.126 "
+                       "gap once in 33 steps at ctx 300 with the glue kernels); such a step is held "
+                       "to the int8 guard below instead"),
     # Oracle for the entries above: the reference with the routed experts' inputs rounded
     # as the kernels round them (int8_oracle.py), so only fp32 order differs from it.
     "int8_experts_vs_plain": (0.5, "distance to the reference WITHOUT the int8 rounding of the routed "
