@@ -70,11 +70,8 @@ def _pow2_ceil(y):
 
 
 @triton.jit
-def _kv_round_kernel(x_ptr, y_ptr, D, N_NOPE, amax_floor, FP8: tl.constexpr, HALF: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1)
-    offs = blk * 64 + tl.arange(0, 64)
-    v = tl.load(x_ptr + row * D + offs)
+def _round_kv_block(v, blk, N_NOPE, amax_floor, FP8: tl.constexpr, HALF: tl.constexpr):
+    """One 64-wide block `blk` of a KV row, rounded as `kv_round` (also kernels/compress.py)."""
     if FP8:
         if blk * 64 < N_NOPE:
             amax = tl.maximum(tl.max(tl.abs(v), axis=0), amax_floor)
@@ -87,6 +84,15 @@ def _kv_round_kernel(x_ptr, y_ptr, D, N_NOPE, amax_floor, FP8: tl.constexpr, HAL
             v = r * step * s
     if HALF:
         v = v.to(tl.float16).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _kv_round_kernel(x_ptr, y_ptr, D, N_NOPE, amax_floor, FP8: tl.constexpr, HALF: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    offs = blk * 64 + tl.arange(0, 64)
+    v = _round_kv_block(tl.load(x_ptr + row * D + offs), blk, N_NOPE, amax_floor, FP8, HALF)
     tl.store(y_ptr + row * D + offs, v)
 
 
@@ -101,3 +107,82 @@ def kv_round(row: torch.Tensor, n_nope: int, fp8: bool, half: bool) -> torch.Ten
     if n:
         _kv_round_kernel[(n, d // FP8_BLOCK)](x, y, d, n_nope, FP8_AMAX_FLOOR, FP8=fp8, HALF=half, num_warps=1)
     return y
+
+
+# ---- the indexer rounding (Hadamard + FP4, then f16 for cached rows) in one launch ------
+# `index_round(x, h, fp4, half)`: x float32 [..., d_I] -> fp4_round(x @ h) (when fp4), then
+# through IEEE half (when half): numerics.indexer_rounding (about 20 torch launches). The
+# product runs as an ieee tl.dot (fp32 order differs from torch's matmul, which can move an
+# element across an E2M1 midpoint: one FP4 step, rarely); the scale from the float bits as
+# in kv_round.
+
+@triton.jit
+def _index_round_kernel(x_ptr, h_ptr, y_ptr, R, amax_floor, D: tl.constexpr, BR: tl.constexpr,
+                        FP4: tl.constexpr, HALF: tl.constexpr):
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rm = (rows < R)[:, None]
+    d = tl.arange(0, D)
+    ptr = rows.to(tl.int64)[:, None] * D + d[None, :]
+    x = tl.load(x_ptr + ptr, mask=rm, other=0.0)
+    if FP4:
+        h = tl.load(h_ptr + d[:, None] * D + d[None, :])
+        y = tl.reshape(tl.dot(x, h, input_precision="ieee"), [BR, D // 32, 32])
+        amax = tl.maximum(tl.max(tl.abs(y), axis=2), amax_floor)
+        s = _pow2_ceil(tl.div_rn(amax, 6.0))[:, :, None]
+        a = tl.minimum(tl.maximum(y / s, -6.0), 6.0)
+        mag = tl.abs(a)
+        step = tl.where(mag < 2.0, 0.5, tl.where(mag < 4.0, 1.0, 2.0))
+        q = mag / step
+        q = ((q + 12582912.0) - 12582912.0) * step      # round half to even, q <= 12
+        x = tl.reshape(tl.where(a < 0.0, -q, q) * s, [BR, D])
+    if HALF:
+        x = x.to(tl.float16).to(tl.float32)
+    tl.store(y_ptr + ptr, x, mask=rm)
+
+
+def index_round(x: torch.Tensor, h: torch.Tensor, fp4: bool, half: bool) -> torch.Tensor:
+    d = x.shape[-1]
+    assert x.dtype == h.dtype == torch.float32 and h.shape == (d, d) and h.is_contiguous()
+    assert d % FP4_BLOCK == 0 and d & (d - 1) == 0
+    xc = x.contiguous()
+    y = torch.empty_like(xc)
+    n = xc.numel() // d
+    _index_round_kernel[(triton.cdiv(n, 16),)](xc, h, y, n, FP4_AMAX_FLOOR, D=d, BR=16, FP4=fp4, HALF=half,
+                                               num_warps=4)
+    return y
+
+
+# ---- indexer scores over the whole row capacity in one launch ----------------------------
+# `index_scores(q, wts, rows, pos, r, denom)`: q float32 [H_I, d_I] (rounded query heads),
+# wts [H_I] (the weights projection), rows [cap, d_I], pos int64 [1] -> float32 [1, cap]:
+# sum_h wts[h] / denom * relu(q[h] . rows[c]) for the visible rows c < (pos + 1) // r, -inf
+# for the rest; the forward's einsum / relu / einsum / masked_fill (fp32 order differs).
+
+@triton.jit
+def _index_score_kernel(q_ptr, w_ptr, rows_ptr, pos_ptr, out_ptr, CAP, H, denom, R: tl.constexpr,
+                        HB: tl.constexpr, D: tl.constexpr, BC: tl.constexpr):
+    c = tl.program_id(0) * BC + tl.arange(0, BC)
+    cm = c < CAP
+    hh = tl.arange(0, HB)
+    hm = hh < H
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + hh[:, None] * D + d[None, :], mask=hm[:, None], other=0.0)                  # [HB, D]
+    k = tl.load(rows_ptr + c.to(tl.int64)[None, :] * D + d[:, None], mask=cm[None, :], other=0.0)   # [D, BC]
+    s = tl.maximum(tl.dot(q, k, input_precision="ieee"), 0.0)                                      # [HB, BC]
+    w = tl.load(w_ptr + hh, mask=hm, other=0.0) / denom
+    sc = tl.sum(w[:, None] * s, axis=0)
+    n_vis = (tl.load(pos_ptr) + 1) // R
+    tl.store(out_ptr + c, tl.where(c < n_vis, sc, float("-inf")), mask=cm)
+
+
+def index_scores(q, wts, rows, pos, r: int, denom: float) -> torch.Tensor:
+    n_h, d = q.shape
+    cap = rows.shape[0]
+    for t in (q, wts, rows):
+        assert t.dtype == torch.float32 and t.is_contiguous()
+    assert rows.shape[1] == d and wts.numel() == n_h and d & (d - 1) == 0 and pos.dtype == torch.int64
+    out = torch.empty(1, cap, dtype=torch.float32, device=q.device)
+    bc = 64
+    _index_score_kernel[(triton.cdiv(cap, bc),)](q, wts, rows, pos, out, cap, n_h, denom, R=r,
+                                                 HB=max(16, triton.next_power_of_2(n_h)), D=d, BC=bc, num_warps=4)
+    return out

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from dwarfstar.engine.cuda_state import CudaDecodeState, CudaLayerState
+from dwarfstar.kernels.compress import compress_pool, emit_row
 from dwarfstar.kernels.glue import rms_norm as glue_rms_norm
 from dwarfstar.kernels.glue import rope as glue_rope
 from dwarfstar.kernels.glue import rope_table
@@ -40,6 +41,7 @@ from dwarfstar.kernels.matvec import MAX_COLS, expert_matvec, expert_matvec_ref,
 from dwarfstar.kernels.moe import QBLOCK, moe_down, moe_down_ref, moe_gate_up, moe_gate_up_ref, quantize_act_ref
 from dwarfstar.kernels.repack import Planar, dequantize_planar, select_experts
 from dwarfstar.kernels.rounding import hadamard_round, kv_round, stable_topk
+from dwarfstar.kernels.route import route as route_kernel
 from dwarfstar.model.attention import _attend
 from dwarfstar.model.moe import ROUTE_SUM_FLOOR, swiglu
 from dwarfstar.model.moe import stable_topk as sort_topk
@@ -292,7 +294,7 @@ class ForwardModel:
         c, w, r = self.config, layer.w, layer.ratio
         comp = (w["compressor_wkv"], w["compressor_wgate"], w["compressor_ape"], w["compressor_norm"])
         self.compress(h, positions, chunk_t0, s.comp_kv, s.comp_score, s.comp, comp, r, layer.omega,
-                      self.kv_rounding)
+                      self.kv_rounding, kv_rows=True)
         visible_n = (positions + 1) // r                                       # [T]
         if chunk_t0 is None:
             cap = s.comp.shape[0]
@@ -329,9 +331,22 @@ class ForwardModel:
         return torch.einsum("th,thc->tc", wts, torch.relu(torch.einsum("thd,cd->thc", q, rows)))
 
     # ---- compressor (model.md §2.4) --------------------------------------------------
-    def compress(self, h, positions, chunk_t0, kv_f, score_f, rows, params, r, omega, finish):
+    def compress(self, h, positions, chunk_t0, kv_f, score_f, rows, params, r, omega, finish,
+                 kv_rows: bool = False):
         wkv, wgate, ape, norm = params
         a = self.proj(wkv, h)                                                  # [T, coff*c]
+        if chunk_t0 is None and self.ops.glue:
+            # kernels/compress.py: slot write, pool, norm, RoPE in one launch; the emit (with
+            # the KV rounding for attention rows) in another.
+            cos, sin = self._rope_tables[id(omega)]
+            row = compress_pool(a, self.proj(wgate, h), ape, positions, kv_f, score_f, norm, cos, sin,
+                                self.config.norm_eps, r)
+            nm = self.numerics
+            if kv_rows:
+                emit_row(row, rows, positions, r, self.config.nope_head_dim, nm.fp8_kv, nm.half_cache)
+            else:
+                emit_row(finish(row), rows, positions, r)
+            return
         z = self.proj(wgate, h) + ape[positions % r]
         if chunk_t0 is None:
             self._compress_step(a, z, positions, kv_f, score_f, rows, norm, r, omega, finish)
@@ -418,11 +433,15 @@ class ForwardModel:
 
     def moe_step(self, x, tokens, layer: Layer):
         """Decode: the K selected experts (ops.moe), no host sync."""
-        w = layer.w
-        sel, wts = self.route(x, tokens, layer, stable_topk)
-        ids = sel.to(torch.int32)                                              # [1, K]
-        y = self.ops.moe(w["w1"], w["w3"], w["w2"], x.contiguous(), ids, wts.float().contiguous(),
-                         layer.swiglu_limit)
+        c, w = self.config, layer.w
+        if self.ops.glue:
+            # kernels/route.py: scores, selection (or the hash table), weights in one launch.
+            ids, wts = route_kernel(self.proj(w["gate"], x), tokens, None if layer.is_hash else w["gate_bias"],
+                                    w.get("tid2eid"), c.n_activated_experts, c.norm_topk_prob, c.route_scale)
+        else:
+            sel, wts = self.route(x, tokens, layer, stable_topk)
+            ids, wts = sel.to(torch.int32), wts.float().contiguous()           # [1, K]
+        y = self.ops.moe(w["w1"], w["w3"], w["w2"], x.contiguous(), ids, wts, layer.swiglu_limit)
         return y + self.shared(x, layer)
 
     def moe_chunk(self, x, tokens, layer: Layer):
