@@ -40,7 +40,8 @@ from dwarfstar.kernels.hc import hc_post, hc_post_ref, hc_split, hc_split_ref, h
 from dwarfstar.kernels.matvec import MAX_COLS, expert_matvec, expert_matvec_ref, matvec, matvec_ref
 from dwarfstar.kernels.moe import QBLOCK, moe_down, moe_down_ref, moe_gate_up, moe_gate_up_ref, quantize_act_ref
 from dwarfstar.kernels.repack import Planar, dequantize_planar, select_experts
-from dwarfstar.kernels.rounding import hadamard_round, kv_round, stable_topk
+from dwarfstar.kernels.rounding import hadamard_round, index_round, kv_round, stable_topk
+from dwarfstar.kernels.rounding import index_scores as index_scores_kernel
 from dwarfstar.kernels.route import route as route_kernel
 from dwarfstar.model.attention import _attend
 from dwarfstar.model.moe import ROUTE_SUM_FLOOR, swiglu
@@ -186,6 +187,9 @@ class ForwardModel:
         return half_round(row) if self.numerics.half_cache else row
 
     def index_rounding(self, v: torch.Tensor, is_cached: bool) -> torch.Tensor:
+        half = is_cached and self.numerics.half_cache
+        if self.ops.glue and (self.numerics.fp4_indexer or half):
+            return index_round(v, self.hadamard, self.numerics.fp4_indexer, half)
         if self.numerics.fp4_indexer:
             v = hadamard_round(v, self.hadamard)
         return half_round(v) if (is_cached and self.numerics.half_cache) else v
@@ -311,8 +315,11 @@ class ForwardModel:
                       lambda v: self.index_rounding(v, is_cached=True))
         if chunk_t0 is not None and n_c <= c.index_topk:
             return rows, visible
-        score = self.index_scores(qr, h, positions, s.index[:n_c], w, layer.omega)
-        score = score.masked_fill(~visible, float("-inf"))
+        if chunk_t0 is None and self.ops.glue:
+            score = self.index_scores_step(qr, h, positions, s.index, w, layer.omega)
+        else:
+            score = self.index_scores(qr, h, positions, s.index[:n_c], w, layer.omega)
+            score = score.masked_fill(~visible, float("-inf"))
         if chunk_t0 is not None:
             top = sort_topk(score, c.index_topk)                               # [T, k]
             chosen = torch.zeros_like(visible).scatter_(1, top, True)
@@ -329,6 +336,16 @@ class ForwardModel:
         q = self.index_rounding(self.rope(q, positions, omega), is_cached=False)
         wts = self.proj(w["indexer_weights_proj"], h) / math.sqrt(d_i * n_h)   # [T, H_I]
         return torch.einsum("th,thc->tc", wts, torch.relu(torch.einsum("thd,cd->thc", q, rows)))
+
+    def index_scores_step(self, qr, h, pos, rows, w, omega) -> torch.Tensor:
+        """Decode, kernels/rounding.py: scores [1, cap] of all rows, -inf past the visible ones."""
+        c = self.config
+        d_i, n_h = c.index_head_dim, c.index_n_heads
+        q = self.proj(w["indexer_wq_b"], qr).view(1, n_h, d_i)
+        q = self.index_rounding(self.rope(q, pos, omega), is_cached=False)
+        wts = self.proj(w["indexer_weights_proj"], h)
+        return index_scores_kernel(q.view(n_h, d_i), wts.view(n_h).contiguous(), rows, pos, OVERLAP_RATIO,
+                                   math.sqrt(d_i * n_h))
 
     # ---- compressor (model.md §2.4) --------------------------------------------------
     def compress(self, h, positions, chunk_t0, kv_f, score_f, rows, params, r, omega, finish,
