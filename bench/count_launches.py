@@ -7,7 +7,7 @@ a few composite ops launch more than one kernel). Per layer = (step total - head
 layers is reported as the step total / layers. The GPU truth is
 `bench/cuda_decode_bench.py --profile-ctx`.
 
-  TRITON_INTERPRET=1 python3 bench/count_launches.py [--tokens 40]
+  PYTHONPATH=. python3 bench/count_launches.py [--tokens 40] [--fused]
 """
 
 from __future__ import annotations
@@ -48,15 +48,17 @@ def main() -> None:
     from dwarfstar.engine.cuda_engine import CudaEngine
     from dwarfstar.engine.engine import EngineOptions
     from dwarfstar.gguf.synth import TINY, synthesize
-    from dwarfstar.model.forward import TRITON_OPS
+    from dwarfstar.model.forward import TRITON_FUSED_OPS, TRITON_OPS
 
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=40, help="prompt length before the counted step")
+    p.add_argument("--fused", action="store_true", help="TRITON_FUSED_OPS (else TRITON_OPS)")
     args = p.parse_args()
     config = dataclasses.replace(TINY, compress_ratios=(0, 4, 128, 4), n_hash_layers=1, index_topk=4)
     with tempfile.TemporaryDirectory() as d:
         path = synthesize(Path(d) / "tiny.gguf", config=config)
-        engine = CudaEngine.load(path, EngineOptions(backend="cuda", ctx=256, numerics="official"), ops=TRITON_OPS)
+        engine = CudaEngine.load(path, EngineOptions(backend="cuda", ctx=256, numerics="official"),
+                                  ops=TRITON_FUSED_OPS if args.fused else TRITON_OPS)
         s = engine.new_session()
         s.sync(list(range(1, args.tokens + 1)))
         mode = Count()

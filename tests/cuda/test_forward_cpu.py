@@ -109,16 +109,18 @@ def test_int8_moe_step_matches_int8_oracle(model_path, tol):
             assert ((got - want).norm() / want.norm()).item() <= tol("moe_layer_int8"), (i, token)
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("numerics", ["exact", "official"])
-def test_triton_glue_forward_matches_reference(model_path, tokens, numerics, tol, logprob_error):
-    """Glue kernels (RMS norm, RoPE, HC mixes, KV rounding; interpreter), mat-vecs on twins:
+def test_triton_glue_forward_matches_reference(model_path, tokens, numerics, fused, tol, logprob_error):
+    """Glue kernels (RMS norm, RoPE, HC mixes, KV rounding; fused: also compressor step, routing,
+    indexer rounding and scores; interpreter), mat-vecs on twins:
     prefill + a few decode steps (ring wrap, compressor emits, negative window starts)."""
     from dwarfstar.engine.cuda_engine import CudaEngine
-    from dwarfstar.model.forward import TWIN_GLUE_OPS
+    from dwarfstar.model.forward import TWIN_FUSED_OPS, TWIN_GLUE_OPS
 
     ref = Engine.load(model_path, EngineOptions(backend="reference", ctx=64, numerics=numerics)).new_session()
     cu = CudaEngine.load(model_path, EngineOptions(backend="cuda", ctx=64, numerics=numerics),
-                         ops=TWIN_GLUE_OPS).new_session()
+                         ops=TWIN_FUSED_OPS if fused else TWIN_GLUE_OPS).new_session()
     ref.sync(tokens[:N_PROMPT])
     cu.sync(tokens[:N_PROMPT])
     errors = [logprob_error(ref.logits(), cu.logits())]
