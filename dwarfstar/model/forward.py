@@ -90,22 +90,30 @@ class Ops:
     moe: Callable
     moe_int8: bool      # whether `moe` rounds expert inputs to int8 (prefill then does too)
     glue: bool = False  # RMS norm and RoPE through kernels/glue.py (else the reference functions)
-    # Decode step through kernels/compress.py, kernels/route.py and the indexer kernels of
-    # rounding.py (needs glue). Off in TRITON_OPS: on the H200 the 4-layer synth greedy/top-20
-    # GPU test failed with it (4 steps past int8_official, max 0.299; docs/PERF.md 2026-11-23),
-    # although each kernel matched its twin on the GPU; which one is not yet known.
-    fused: bool = False
+    # Decode-step kernels in use, a subset of FUSED_PARTS: "compress" (kernels/compress.py),
+    # "route" (kernels/route.py), "index" (indexer rounding and scores of rounding.py); they need
+    # glue. With all three the H200 greedy/top-20 GPU test failed (4 steps past int8_official,
+    # max 0.299; docs/PERF.md 2026-11-23) although each kernel matched its twin on the GPU; the
+    # per-part GPU test showed "route" alone causes it, so TRITON_OPS leaves it out.
+    fused: frozenset = frozenset()
 
 
-TRITON_OPS = Ops(matvec, expert_matvec, hc_split, _experts_int8(moe_gate_up, moe_down), True, True)
+# Production: "route" stays off — on the H200 bisect (tests/cuda/test_cuda_gpu.py
+# test_fused_part_matches_reference) it alone reproduced the 4 over-bound steps; compress and
+# index each passed.
+TRITON_OPS = Ops(matvec, expert_matvec, hc_split, _experts_int8(moe_gate_up, moe_down), True, True,
+                 frozenset({"compress", "index"}))
 # The pre-kernels/moe path (fp32 experts): the accuracy baseline of the int8 one.
 TRITON_FP32_MOE_OPS = Ops(matvec, expert_matvec, hc_split, _experts_fp32(expert_matvec), False, True)
 TWIN_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False)
 # Twins of the mat-vecs with the Triton glue (CPU interpreter checks of the glue wiring).
 TWIN_GLUE_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False, True)
 # The fused decode kernels on top (production candidate, see Ops.fused).
-TRITON_FUSED_OPS = Ops(matvec, expert_matvec, hc_split, _experts_int8(moe_gate_up, moe_down), True, True, True)
-TWIN_FUSED_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False, True, True)
+FUSED_PARTS = frozenset({"compress", "route", "index"})
+TRITON_FUSED_OPS = Ops(matvec, expert_matvec, hc_split, _experts_int8(moe_gate_up, moe_down), True, True,
+                       FUSED_PARTS)
+TWIN_FUSED_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False, True,
+                     FUSED_PARTS)
 # Twins of the production numerics (int8 routed-expert activations), for CPU checks.
 TWIN_INT8_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_int8(moe_gate_up_ref, moe_down_ref),
                     True)
@@ -196,7 +204,7 @@ class ForwardModel:
 
     def index_rounding(self, v: torch.Tensor, is_cached: bool) -> torch.Tensor:
         half = is_cached and self.numerics.half_cache
-        if self.ops.fused and (self.numerics.fp4_indexer or half):
+        if "index" in self.ops.fused and (self.numerics.fp4_indexer or half):
             return index_round(v, self.hadamard, self.numerics.fp4_indexer, half)
         if self.numerics.fp4_indexer:
             v = hadamard_round(v, self.hadamard)
@@ -323,7 +331,7 @@ class ForwardModel:
                       lambda v: self.index_rounding(v, is_cached=True))
         if chunk_t0 is not None and n_c <= c.index_topk:
             return rows, visible
-        if chunk_t0 is None and self.ops.fused:
+        if chunk_t0 is None and "index" in self.ops.fused:
             score = self.index_scores_step(qr, h, positions, s.index, w, layer.omega)
         else:
             score = self.index_scores(qr, h, positions, s.index[:n_c], w, layer.omega)
@@ -360,7 +368,7 @@ class ForwardModel:
                  kv_rows: bool = False):
         wkv, wgate, ape, norm = params
         a = self.proj(wkv, h)                                                  # [T, coff*c]
-        if chunk_t0 is None and self.ops.fused:
+        if chunk_t0 is None and "compress" in self.ops.fused:
             # kernels/compress.py: slot write, pool, norm, RoPE in one launch; the emit (with
             # the KV rounding for attention rows) in another.
             cos, sin = self._rope_tables[id(omega)]
@@ -459,7 +467,7 @@ class ForwardModel:
     def moe_step(self, x, tokens, layer: Layer):
         """Decode: the K selected experts (ops.moe), no host sync."""
         c, w = self.config, layer.w
-        if self.ops.fused:
+        if "route" in self.ops.fused:
             # kernels/route.py: scores, selection (or the hash table), weights in one launch.
             ids, wts = route_kernel(self.proj(w["gate"], x), tokens, None if layer.is_hash else w["gate_bias"],
                                     w.get("tid2eid"), c.n_activated_experts, c.norm_topk_prob, c.route_scale)

@@ -9,6 +9,7 @@ Layers 0..3 have ratios 0, 0, 4, 128 and hash routing on 0..2 (the Flash schedul
 """
 
 import contextlib
+import dataclasses
 import math
 
 import pytest
@@ -79,6 +80,28 @@ def _new_ref_state(reference, ctx):
 
 
 def test_greedy_and_top20_match_reference(engine, reference, tol, logprob_error):
+    _check_greedy(engine, reference, tol, logprob_error)
+
+
+@pytest.mark.parametrize("part", [
+    "compress",
+    "index",
+    # Known defect, so "route" is not in TRITON_OPS: on the H200 (2026-11-23) it alone put 4 steps
+    # over the int8_official bound (max 0.299) while matching its twin at tiny shapes. Strict: the
+    # day it passes, this marker must go and TRITON_OPS can take it.
+    pytest.param("route", marks=pytest.mark.xfail(strict=True, reason="route kernel off-bound on H200")),
+])
+def test_fused_part_matches_reference(engine, reference, tol, logprob_error, part):
+    """Each fused decode kernel group of Ops.fused on its own (not yet in production)."""
+    production = engine.model.ops
+    engine.model.ops = dataclasses.replace(production, fused=frozenset({part}))
+    try:
+        _check_greedy(engine, reference, tol, logprob_error)
+    finally:
+        engine.model.ops = production
+
+
+def _check_greedy(engine, reference, tol, logprob_error):
     bound = tol("int8_official")
     ref_state = _new_ref_state(reference, engine.options.ctx)
     plain_state = _new_ref_state(reference, engine.options.ctx)
