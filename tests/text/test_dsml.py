@@ -83,7 +83,7 @@ def test_three_syntaxes(opening):
 
 
 def test_nested_parameter_recovery():
-    text = (f'review done\n\n<{D}tool_calls>\n<{D}invoke name="edit">\n<{D}parameter name="path">/private/tmp/tetris.c'
+    text = (f'review done\n\n<{D}tool_calls>\n<{D}invoke name="edit">\n<{D}parameter name="path">src/tetris.c'
             f'</{D}parameter>\n<{D}parameter name="edits">\n<{D}parameter name="oldText" string="true">old &lt;text&gt;'
             f'</{D}parameter>\n<{D}parameter name="newText" string="true">new text</{D}parameter>\n</{D}invoke>\n'
             f"</{D}tool_calls>")
@@ -91,7 +91,7 @@ def test_nested_parameter_recovery():
     assert done.content == "review done" and len(done.tool_calls) == 1
     args = json.loads(done.tool_calls[0].arguments)
     # No entity decoding: &lt; stays four characters.
-    assert args == {"path": "/private/tmp/tetris.c", "edits": {"oldText": "old &lt;text&gt;", "newText": "new text"}}
+    assert args == {"path": "src/tetris.c", "edits": {"oldText": "old &lt;text&gt;", "newText": "new text"}}
     streamed = _coalesce(_stream(text, thinking=False))
     assert json.loads(next(e.text for e in streamed if isinstance(e, ToolCallArgs))) == args
 
