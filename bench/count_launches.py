@@ -7,7 +7,10 @@ a few composite ops launch more than one kernel). Per layer = (step total - head
 layers is reported as the step total / layers. The GPU truth is
 `bench/cuda_decode_bench.py --profile-ctx`.
 
-  PYTHONPATH=. python3 bench/count_launches.py [--tokens 40] [--fused]
+  PYTHONPATH=. python3 bench/count_launches.py [--tokens 40] [--fused] [--prefill 300]
+
+With --prefill N it counts one prefill chunk of N tokens (`ForwardModel.prefill`) instead of
+the decode step; "copy_" there is mostly device-to-device copies.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=40, help="prompt length before the counted step")
     p.add_argument("--fused", action="store_true", help="TRITON_FUSED_OPS (else TRITON_OPS)")
+    p.add_argument("--prefill", type=int, default=0, help="count one prefill chunk of this many tokens")
     args = p.parse_args()
     config = dataclasses.replace(TINY, compress_ratios=(0, 4, 128, 4), n_hash_layers=1, index_topk=4)
     with tempfile.TemporaryDirectory() as d:
@@ -75,15 +79,19 @@ def main() -> None:
         interpreter.InterpretedFunction.run = counted
         try:
             with torch.no_grad(), mode:
-                engine.model.step(s.state)
+                if args.prefill:
+                    engine.model.prefill(s.state, [1 + i % 50 for i in range(args.prefill)])
+                else:
+                    engine.model.step(s.state)
         finally:
             interpreter.InterpretedFunction.run = run
     n_layers = config.n_layers
     total_t, total_a = sum(triton_calls.values()), sum(mode.ops.values())
-    print(f"one decode step, {n_layers} layers (ratios {config.compress_ratios}): "
+    what = f"one prefill chunk of {args.prefill} tokens" if args.prefill else "one decode step"
+    print(f"{what}, {n_layers} layers (ratios {config.compress_ratios}): "
           f"{total_t} Triton + {total_a} torch = {total_t + total_a} launches, "
           f"{(total_t + total_a) / n_layers:.0f} per layer")
-    for name, n in (triton_calls + mode.ops).most_common(25):
+    for name, n in (triton_calls + mode.ops).most_common(40):
         print(f"  {n:5d}  {name}")
 
 

@@ -260,7 +260,12 @@ class ForwardModel:
     def prefill(self, state: CudaDecodeState, tokens: list[int]) -> None:
         t0, t = state.n_tokens, len(tokens)
         self.reserve_positions(t0 + t)
-        ids = torch.tensor(tokens, dtype=torch.int64, device=self.device)
+        ids = torch.tensor(tokens, dtype=torch.int64)
+        if self.device.type == "cuda":
+            # Pinned + non_blocking: the upload does not wait for the stream to drain.
+            ids = ids.pin_memory().to(self.device, non_blocking=True)
+        else:
+            ids = ids.to(self.device)
         positions = torch.arange(t0, t0 + t, device=self.device)
         x = self.embed(ids)
         for layer, s in zip(self.layers, state.layers):
@@ -421,30 +426,31 @@ class ForwardModel:
         ws = t0 - t0 % r
         base = ws - (r if ov else 0)
         # Positions base..t0-1 live in the frontier: previous window in slots 0..r-1 (r = 4),
-        # the current partial window in slots (r +) p mod r.
-        pre = (list(range(r)) if ov else []) + [(r if ov else 0) + j for j in range(t0 - ws)]
-        pre_t = torch.tensor(pre, dtype=torch.int64, device=dev)
-        seq_kv = torch.cat([kv_f[pre_t], a])
-        seq_sc = torch.cat([score_f[pre_t], z])
-        ends = [e for e in range(t0, t_end) if (e + 1) % r == 0]
-        if ends:
-            starts = torch.tensor([e + 1 - r for e in ends], dtype=torch.int64, device=dev)
+        # the current partial window in slots (r +) p mod r — slots 0..t0-base-1 in order.
+        # Index tensors are built on the device (no host-to-device upload in the chunk loop).
+        seq_kv = torch.cat([kv_f[:t0 - base], a])
+        seq_sc = torch.cat([score_f[:t0 - base], z])
+        e0 = t0 + (-(t0 + 1)) % r                                              # first window end >= t0
+        n_w = (t_end - 1 - e0) // r + 1 if e0 < t_end else 0
+        if n_w:
+            e_last = e0 + (n_w - 1) * r
+            starts = torch.arange(e0 + 1 - r, e_last + 2 - r, r, device=dev)           # [n_w]
             idx = (starts - base)[:, None] + torch.arange(r, device=dev)[None, :]        # [n_w, r]
             if ov:
                 kv = torch.cat([seq_kv[idx - r][..., :width], seq_kv[idx][..., width:]], 1)
                 sc = torch.cat([seq_sc[idx - r][..., :width], seq_sc[idx][..., width:]], 1)
             else:
                 kv, sc = seq_kv[idx], seq_sc[idx]
-            first = (ends[0] + 1) // r - 1
-            rows[first:first + len(ends)] = self._pool(kv, sc, norm, starts, omega, finish)
+            first = (e0 + 1) // r - 1
+            rows[first:first + n_w] = self._pool(kv, sc, norm, starts, omega, finish)
             if ov:
-                last = torch.arange(ends[-1] + 1 - r, ends[-1] + 1, device=dev) - base
-                kv_f[:r] = seq_kv[last]
-                score_f[:r] = seq_sc[last]
-        for p in range(max(t0, t_end - r), t_end):
-            slot = p % r + (r if ov else 0)
-            kv_f[slot] = seq_kv[p - base]
-            score_f[slot] = seq_sc[p - base]
+                kv_f[:r] = seq_kv[e_last + 1 - r - base:e_last + 1 - base]
+                score_f[:r] = seq_sc[e_last + 1 - r - base:e_last + 1 - base]
+        # The last (up to r) positions into their slots, one scatter each.
+        p0 = max(t0, t_end - r)
+        slots = torch.arange(p0, t_end, device=dev) % r + (r if ov else 0)
+        kv_f.index_copy_(0, slots, seq_kv[p0 - base:t_end - base])
+        score_f.index_copy_(0, slots, seq_sc[p0 - base:t_end - base])
 
     # ---- MoE (model.md §2.6) ----------------------------------------------------------
     def route(self, x, tokens, layer: Layer, topk: Callable):
@@ -507,7 +513,7 @@ class ForwardModel:
             start += n
             rows, slot = pairs // sel.shape[1], pairs % sel.shape[1]
             h = xq[rows]
-            e_t = torch.tensor([e], device=x.device)
+            e_t = torch.full((1,), e, device=x.device)
             w1, w3, w2 = (dequantize_planar(select_experts(w[f], e_t))[0] for f in ("w1", "w3", "w2"))
             mid = act(swiglu(h @ w1.T, h @ w3.T, layer.swiglu_limit) * wts[rows, slot, None])
             out.index_add_(0, rows, mid @ w2.T)
