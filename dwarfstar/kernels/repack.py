@@ -196,6 +196,12 @@ def dequantize_planar(p: Planar) -> torch.Tensor:
 
 
 def _shifts(values: list[int], device: torch.device) -> torch.Tensor:
+    # Cached per device: a fresh torch.tensor upload waits for the stream on every dequantise.
+    return _shift_table(tuple(values), str(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _shift_table(values: tuple[int, ...], device: str) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.uint8, device=device)
 
 
