@@ -15,6 +15,8 @@ Contract:
   picks the first candidate whose cumulative weight reaches u·Σw. `logprob` and `top`
   (the n_top most likely tokens, lower id first among ties) are log-probabilities of
   the model's own distribution, log_softmax(logits), independent of the knobs.
+- Everything runs on the logits' device (a CUDA session's logits need not be copied to the
+  host: a few scalar reads per token, none per candidate).
 """
 
 from __future__ import annotations
@@ -87,11 +89,13 @@ def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tens
     order = _sorted_desc(logits[ids]) if p.top_k == 0 else torch.arange(ids.shape[0])
     ids, w = ids[order], w[order]
     prob = w / w.sum()
-    n = 1
-    cum = prob[0].item()
-    while n < ids.shape[0] and cum < p.top_p and prob[n].item() >= prob[0].item() * p.min_p:
-        cum += prob[n].item()
-        n += 1
+    # ds4 walks the sorted candidates and keeps candidate n while the mass before it is
+    # < top_p and prob[n] >= min_p * prob[0]. Both tests are monotone along the sorted list
+    # (the running sum only grows, prob only falls), so the kept prefix is 1 + the number of
+    # leading passes: computed on the logits' device without one host sync per candidate.
+    before = torch.cumsum(prob, 0)[:-1]                       # mass of 0..n-1, for n >= 1
+    ok = (before < p.top_p) & (prob[1:] >= prob[0] * p.min_p)
+    n = 1 + int(torch.cumprod(ok.to(torch.int32), 0).sum())
     return ids[:n], w[:n]
 
 

@@ -101,3 +101,32 @@ def test_torch_generator_is_accepted_and_reproducible():
     params = SamplingParams(temperature=1.0, min_p=0.0)
     run = lambda: [sample(LOGITS, params, g).token for g in [torch.Generator().manual_seed(5)] for _ in range(50)]
     assert run() == run()
+
+
+def _walk_cut(logits, params):
+    """ds4's candidate walk written as the sequential loop (the twin of the vectorised cut)."""
+    p = params.clamped()
+    lg = logits.double()
+    ids = torch.nonzero(torch.isfinite(lg)).flatten()
+    if p.top_k > 0:
+        ids = ids[torch.sort(lg[ids], descending=True, stable=True).indices[: p.top_k]]
+    else:
+        ids = ids[torch.sort(lg[ids], descending=True, stable=True).indices]
+    w = torch.exp((lg[ids] - lg[ids].max()) / p.temperature)
+    prob = (w / w.sum()).tolist()
+    n, cum = 1, prob[0]
+    while n < len(prob) and cum < p.top_p and prob[n] >= prob[0] * p.min_p:
+        cum += prob[n]
+        n += 1
+    return ids[:n].tolist()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_vectorised_top_p_cut_equals_the_sequential_walk(seed):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3000, generator=gen) * (0.5 + seed)
+    logits[torch.randint(0, 3000, (50,), generator=gen)] = float("-inf")
+    for top_k, top_p, min_p in ((0, 0.9, 0.0), (0, 0.5, 0.01), (40, 0.95, 0.05), (0, 0.999, 0.2), (7, 1.0, 0.0)):
+        params = SamplingParams(temperature=0.7, top_k=top_k, top_p=top_p, min_p=min_p)
+        got = candidates(logits, params)[0].tolist()
+        assert got == _walk_cut(logits, params), (top_k, top_p, min_p)
