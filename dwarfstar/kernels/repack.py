@@ -178,14 +178,25 @@ def _unpack_q4_k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc.contiguous(), mn.contiguous()
 
 
-def dequantize_planar(p: Planar) -> torch.Tensor:
-    """float32 [..., N, K]; bit-exact with gguf's numpy dequantisation of the original bytes."""
+def dequantize_planar(p: Planar, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`dtype` [..., N, K]: float32 is bit-exact with gguf's numpy dequantisation of the
+    original bytes; another dtype is that float32 result rounded once to it (prefill GEMMs)."""
     shape = p.shape
     if isinstance(p, PlanarF16):
-        return p.w.float()
+        return p.w.to(dtype)
     if isinstance(p, PlanarQ8_0):
+        if dtype == torch.float16:
+            # int8 times an fp16 scale needs <= 19 significant bits, so the fp32 product is
+            # exact and one rounding to fp16 equals the fp16 multiply: no fp32 matrix.
+            q = p.qs.to(dtype).reshape(*shape[:-1], -1, QK8_0)
+            return (q * p.d[..., None]).reshape(shape)
         q = p.qs.float().reshape(*shape[:-1], -1, QK8_0)
-        return (q * p.d.float()[..., None]).reshape(shape)
+        return (q * p.d.float()[..., None]).reshape(shape).to(dtype)
+    return _dequantize_blocks(p).to(dtype)
+
+
+def _dequantize_blocks(p: Planar) -> torch.Tensor:
+    shape = p.shape
     if isinstance(p, PlanarQ2K):
         return _dequantize_q2_k(p).reshape(shape)
     if isinstance(p, PlanarQ4K):
