@@ -172,6 +172,8 @@ def _device_sync() -> None:
 def run_bench(session, tokens: list[int], opts: BenchOptions, eos_id: int, out: TextIO,
               clock: Callable[[], float] = time.perf_counter, log: TextIO = sys.stderr) -> list[str]:
     """Walk the frontiers (module contract); returns the CSV rows written after the header."""
+    from dwarfstar.generate import live_logits
+
     out.write(CSV_HEADER + "\n")
     out.flush()
     rows, previous = [], 0
@@ -185,7 +187,7 @@ def run_bench(session, tokens: list[int], opts: BenchOptions, eos_id: int, out: 
             raise RuntimeError(f"generation would exceed allocated context at frontier {frontier}")
         t2 = clock()
         for _ in range(opts.gen_tokens):
-            session.eval(argmax_excluding(session.logits(), eos_id))
+            session.eval(argmax_excluding(live_logits(session), eos_id))
         _device_sync()
         t3 = clock()
         session.restore(blob)

@@ -73,6 +73,13 @@ class Picker:
         return int(sample(logits, self.params, self.rng).token)
 
 
+def live_logits(session) -> torch.Tensor:
+    """The last logits where the session keeps them (on the GPU for a CUDA session: picking
+    there reads back a token id, not the 129280-float row); valid until the next eval."""
+    read = getattr(session, "device_logits", None)
+    return read() if read is not None else session.logits()
+
+
 def generate(
     session,
     pick: Callable[[torch.Tensor], int],
@@ -84,7 +91,7 @@ def generate(
     for _ in range(max_tokens):
         if stop is not None and stop.is_set():
             return
-        token = pick(session.logits())
+        token = pick(live_logits(session))
         if token == eos_id:
             return
         session.eval(token)

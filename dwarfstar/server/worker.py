@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 
 from dwarfstar.engine.sampling import Rng, SamplingParams, sample
+from dwarfstar.generate import live_logits
 from dwarfstar.server.job import Job, Result
 from dwarfstar.server.kvdisk import Checkpoints, exact_text
 from dwarfstar.server.output import GenerationError, make_projection
@@ -186,7 +187,7 @@ class Worker:
             return self.forced[step] if step < len(self.forced) else self.tokenizer.eos_id
         chosen, greedy, generator = sampling
         params = greedy if structural else chosen
-        return int(sample(self.session.logits(), params, generator).token)
+        return int(sample(live_logits(self.session), params, generator).token)
 
     def _generate(self, job: Job) -> Result:
         """The token loop of §7.1; returns the parsed Result or raises GenerationError."""
