@@ -1,13 +1,21 @@
 """mHC mixing weights from the projected mix: pre, post and the Sinkhorn matrix in one launch.
 
-Dims: T tokens, n HC streams (hc_mult), M = (2 + n) n mix width.
+Dims: T tokens, n HC streams (hc_mult), M = (2 + n) n mix width, S split-K partials,
+K = n D the HC row width.
 
-Contract: `hc_split(mix, scale, base, n, iters, eps)` with mix float32 [T, M], scale [3], base
-[M] -> (pre [T, n], post [T, n], m [T, n, n]) as model/hc.py's hc_pre computes them:
+Contract: `hc_split(mix, scale, base, n, iters, eps, x=None, norm_eps=0.0)` with mix float32
+[T, M] or [S, T, M] (partial sums of a split-K mat-vec, summed here), scale [3], base [M] ->
+(pre [T, n], post [T, n], m [T, n, n]) as model/hc.py's hc_pre computes them:
 pre = σ(scale0 mix[:n] + base[:n]) + eps, post = 2σ(scale1 mix[n:2n] + base[n:2n]),
 m = Sinkhorn(scale2 mix[2n:] + base[2n:]) (row softmax + eps, column norm, then iters - 1
 row/column rounds). The reference spends ~6 launches per Sinkhorn round (about 120 per
 call, two calls per layer); here one program per token keeps the n x n matrix in registers.
+With x (float32 [T, K], the raw HC rows) the mix is the projection of the RAW rows and the
+HC RMS norm is folded in here: fn . (x rsqrt(mean(x^2) + norm_eps)) = (fn . x) rsqrt(...),
+so mix is scaled per row by rsqrt(mean(x^2) + norm_eps) (as numerics.rms_norm) before use;
+this saves the separate 16384-wide norm launch before each HC mat-vec.
+`hc_head_split(mix, scale, base, eps, x=None, norm_eps=0.0)`: the output head's weights,
+mix [T, n] (or [S, T, n]) -> σ(scale0 mix' + base) + eps [T, n], mix' normed as above.
 The kernel's exp differs from torch's by an ulp or two, so results agree to ~1e-6 relative.
 """
 
@@ -19,8 +27,20 @@ import triton.language as tl
 
 from dwarfstar.model.hc import sinkhorn
 
+NORM_BLOCK = 1024
 
-def hc_split_ref(mix, scale, base, n: int, iters: int, eps: float):
+
+def _mix_ref(mix, x, norm_eps):
+    """Sum split-K partials, then the folded RMS norm of the raw rows x."""
+    if mix.dim() == 3:
+        mix = mix.sum(0)
+    if x is not None:
+        mix = mix * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm_eps)
+    return mix
+
+
+def hc_split_ref(mix, scale, base, n: int, iters: int, eps: float, x=None, norm_eps: float = 0.0):
+    mix = _mix_ref(mix, x, norm_eps)
     t = mix.shape[0]
     pre = torch.sigmoid(scale[0] * mix[:, :n] + base[:n]) + eps
     post = 2 * torch.sigmoid(scale[1] * mix[:, n:2 * n] + base[n:2 * n])
@@ -28,39 +48,96 @@ def hc_split_ref(mix, scale, base, n: int, iters: int, eps: float):
     return pre, post, sinkhorn(comb, iters, eps)
 
 
+def hc_head_split_ref(mix, scale, base, eps: float, x=None, norm_eps: float = 0.0):
+    return torch.sigmoid(scale[0] * _mix_ref(mix, x, norm_eps) + base) + eps
+
+
 @triton.jit
-def _hc_split_kernel(mix_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, m_ptr, eps,
-                     N: tl.constexpr, M: tl.constexpr, ITERS: tl.constexpr):
+def _row_scale(x_ptr, row, norm_eps, K, HAS_X: tl.constexpr, BLOCK: tl.constexpr):
+    """rsqrt(mean(x[row]^2) + norm_eps) as glue._rms_norm_kernel computes it (1.0 without x)."""
+    if HAS_X:
+        base = row.to(tl.int64) * K
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            v = tl.load(x_ptr + base + offs, mask=offs < K, other=0.0)
+            acc += v * v
+        r = 1.0 / tl.sqrt_rn(tl.sum(acc, axis=0) / K + norm_eps)
+    else:
+        r = 1.0
+    return r
+
+
+@triton.jit
+def _load_mix(mix_ptr, row, offs, T, M: tl.constexpr, S: tl.constexpr):
+    v = tl.load(mix_ptr + row * M + offs)
+    for s in tl.static_range(1, S):
+        v += tl.load(mix_ptr + (s * T + row) * M + offs)
+    return v
+
+
+@triton.jit
+def _hc_split_kernel(mix_ptr, scale_ptr, base_ptr, x_ptr, pre_ptr, post_ptr, m_ptr, eps, norm_eps, T, K,
+                     N: tl.constexpr, M: tl.constexpr, S: tl.constexpr, ITERS: tl.constexpr,
+                     FULL: tl.constexpr, HAS_X: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
+    r = _row_scale(x_ptr, row, norm_eps, K, HAS_X, BLOCK)
     i = tl.arange(0, N)
     s0 = tl.load(scale_ptr)
-    s1 = tl.load(scale_ptr + 1)
-    s2 = tl.load(scale_ptr + 2)
-    a = s0 * tl.load(mix_ptr + row * M + i) + tl.load(base_ptr + i)
+    a = s0 * (_load_mix(mix_ptr, row, i, T, M, S) * r) + tl.load(base_ptr + i)
     tl.store(pre_ptr + row * N + i, 1.0 / (1.0 + tl.exp(-a)) + eps)
-    b = s1 * tl.load(mix_ptr + row * M + N + i) + tl.load(base_ptr + N + i)
-    tl.store(post_ptr + row * N + i, 2.0 / (1.0 + tl.exp(-b)))
-    ij = i[:, None] * N + i[None, :]
-    c = s2 * tl.load(mix_ptr + row * M + 2 * N + ij) + tl.load(base_ptr + 2 * N + ij)
-    e = tl.exp(c - tl.max(c, axis=1)[:, None])
-    m = e / tl.sum(e, axis=1)[:, None] + eps
-    m = m / (tl.sum(m, axis=0)[None, :] + eps)
-    for _ in tl.static_range(ITERS - 1):
-        m = m / (tl.sum(m, axis=1)[:, None] + eps)
+    if FULL:
+        s1 = tl.load(scale_ptr + 1)
+        s2 = tl.load(scale_ptr + 2)
+        b = s1 * (_load_mix(mix_ptr, row, N + i, T, M, S) * r) + tl.load(base_ptr + N + i)
+        tl.store(post_ptr + row * N + i, 2.0 / (1.0 + tl.exp(-b)))
+        ij = i[:, None] * N + i[None, :]
+        c = s2 * (_load_mix(mix_ptr, row, 2 * N + ij, T, M, S) * r) + tl.load(base_ptr + 2 * N + ij)
+        e = tl.exp(c - tl.max(c, axis=1)[:, None])
+        m = e / tl.sum(e, axis=1)[:, None] + eps
         m = m / (tl.sum(m, axis=0)[None, :] + eps)
-    tl.store(m_ptr + row * N * N + ij, m)
+        for _ in tl.static_range(ITERS - 1):
+            m = m / (tl.sum(m, axis=1)[:, None] + eps)
+            m = m / (tl.sum(m, axis=0)[None, :] + eps)
+        tl.store(m_ptr + row * N * N + ij, m)
 
 
-def hc_split(mix, scale, base, n: int, iters: int, eps: float):
-    t, width = mix.shape
-    assert width == (2 + n) * n and n & (n - 1) == 0, f"mix width {width} for n = {n} (power of two)"
-    for x in (mix, scale, base):
-        assert x.dtype == torch.float32 and x.is_contiguous()
-    pre = torch.empty(t, n, dtype=torch.float32, device=mix.device)
-    post = torch.empty(t, n, dtype=torch.float32, device=mix.device)
-    m = torch.empty(t, n, n, dtype=torch.float32, device=mix.device)
-    _hc_split_kernel[(t,)](mix, scale, base, pre, post, m, eps, N=n, M=width, ITERS=iters, num_warps=1)
+def _check_mix(mix, x, scale, base):
+    assert mix.dim() in (2, 3), "mix: [T, M] or split-K partials [S, T, M]"
+    s = mix.shape[0] if mix.dim() == 3 else 1
+    t, width = mix.shape[-2:]
+    for a in (mix, scale, base) + ((x,) if x is not None else ()):
+        assert a.dtype == torch.float32 and a.is_contiguous()
+    if x is not None:
+        assert x.dim() == 2 and x.shape[0] == t, "x: the raw HC rows [T, K]"
+    return s, t, width
+
+
+def _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, full):
+    s, t, width = _check_mix(mix, x, scale, base)
+    dev = mix.device
+    pre = torch.empty(t, n, dtype=torch.float32, device=dev)
+    post = torch.empty(t, n, dtype=torch.float32, device=dev) if full else pre
+    m = torch.empty(t, n, n, dtype=torch.float32, device=dev) if full else pre
+    k = x.shape[1] if x is not None else 1
+    block = min(NORM_BLOCK, triton.next_power_of_2(k))
+    # 4 warps when the program also reads the 16384-wide row (64 KB), 1 for the n x n math.
+    _hc_split_kernel[(t,)](mix, scale, base, x if x is not None else mix, pre, post, m, eps, norm_eps, t, k,
+                           N=n, M=width, S=s, ITERS=iters, FULL=full, HAS_X=x is not None, BLOCK=block,
+                           num_warps=4 if x is not None else 1)
     return pre, post, m
+
+
+def hc_split(mix, scale, base, n: int, iters: int, eps: float, x=None, norm_eps: float = 0.0):
+    width = mix.shape[-1]
+    assert width == (2 + n) * n and n & (n - 1) == 0, f"mix width {width} for n = {n} (power of two)"
+    return _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, True)
+
+
+def hc_head_split(mix, scale, base, eps: float, x=None, norm_eps: float = 0.0):
+    n = mix.shape[-1]
+    assert n & (n - 1) == 0 and base.shape == (n,), f"head mix width {n}: a power of two, base [n]"
+    return _launch_split(mix, scale, base, n, 1, eps, x, norm_eps, False)[0]
 
 
 # ---- the stream mixes around a sublayer (one launch each) -----------------------------

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from dwarfstar.kernels.hc import hc_split, hc_split_ref
+from dwarfstar.kernels.hc import hc_head_split, hc_head_split_ref, hc_split, hc_split_ref
+from dwarfstar.model.numerics import rms_norm
 
 
 @pytest.mark.parametrize("t", [1, 7])
@@ -20,6 +21,34 @@ def test_hc_split_matches_twin(t):
         assert torch.isfinite(a).all()
         # fp32 exp/divide vs float64: ~1e-6 relative after 20 Sinkhorn rounds.
         assert ((a.double() - b).norm() / b.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("t,splits", [(1, 1), (3, 2)])
+def test_hc_split_folds_the_norm(t, splits, tol):
+    """Raw-row mix (split-K partials) + x vs the unfused order of model/hc.hc_pre in float64."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=dev).manual_seed(10 + t)
+    n, k, norm_eps = 4, 3000, 1e-6
+    fn = torch.randn((2 + n) * n, k, generator=g, device=dev) * 0.05
+    x = torch.randn(t, k, generator=g, device=dev) * 3
+    scale = torch.rand(3, generator=g, device=dev) * 0.4 + 0.1
+    base = torch.randn((2 + n) * n, generator=g, device=dev) * 0.1
+    parts = torch.stack([x[:, i::splits] @ fn[:, i::splits].T for i in range(splits)])  # [S, T, M]
+    got = hc_split(parts if splits > 1 else parts[0], scale, base, n, 20, 1e-6, x=x, norm_eps=norm_eps)
+    # Independent oracle: the unfused order (norm the rows, then project), float64.
+    mix = rms_norm(x.double(), None, norm_eps) @ fn.double().T
+    want = hc_split_ref(mix, scale.double(), base.double(), n, 20, 1e-6)
+    twin = hc_split_ref(parts, scale, base, n, 20, 1e-6, x=x, norm_eps=norm_eps)
+    for a, b, c in zip(got, want, twin):
+        assert ((a.double() - b).norm() / b.norm()).item() < tol("fp32_matvec")
+        assert ((c.double() - b).norm() / b.norm()).item() < tol("fp32_matvec")
+    head_mix = parts[..., :n].contiguous()
+    got = hc_head_split(head_mix if splits > 1 else head_mix[0], scale[:1], base[:n].contiguous(), 1e-6,
+                        x=x, norm_eps=norm_eps)
+    want = torch.sigmoid(scale[0].double() * mix[:, :n] + base[:n].double()) + 1e-6
+    assert ((got.double() - want).norm() / want.norm()).item() < tol("fp32_matvec")
+    twin = hc_head_split_ref(head_mix, scale[:1], base[:n], 1e-6, x, norm_eps)
+    assert ((twin.double() - want).norm() / want.norm()).item() < tol("fp32_matvec")
 
 
 @pytest.mark.parametrize("t,d", [(1, 1024), (3, 700)])
