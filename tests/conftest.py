@@ -41,6 +41,14 @@ TOLERANCES = {
                        "a nat (H200: 0.25/0.28 at ctx 4200 once in 8 steps; a greedy flip with a 0.126 "
                        "gap once in 33 steps at ctx 300 with the glue kernels); such a step is held "
                        "to the int8 guard below instead"),
+    "discrete_flips_full": (4, "steps of 33 allowed past int8_official in the full-size test "
+                            "(test_cuda_full.py, 43 layers), each still held to int8_experts_vs_plain; "
+                            "the discrete choices of 'discrete_flips' happen per layer and Flash routes "
+                            "by score in 40 layers where the 4-layer synth routes in one (layers 0-2 "
+                            "hash), so an ulp-flipped top-6 near-tie is ~40x as likely per step, while "
+                            "each flip moves the logits less (one layer is ~1/sqrt(43) of the residual); "
+                            "the 4-layer test saw 0-1 such steps in 33. Provisional: set from the first "
+                            "H200 run (the test prints the steps)"),
     # Oracle for the entries above: the reference with the routed experts' inputs rounded
     # as the kernels round them (int8_oracle.py), so only fp32 order differs from it.
     "int8_experts_vs_plain": (0.5, "distance to the reference WITHOUT the int8 rounding of the routed "

@@ -5,9 +5,11 @@ Contract:
   transformers-derived models). `Weights.from_gguf(file)`: a `GGUFFile`; the config is
   read from its metadata. Both check every expected tensor is present with the torch
   shape `reversed(ne)` from names.py.
+- `Weights(config, source, shapes, cache_limit=CACHE_LIMIT)`: any source with `full`,
+  `expert`, `ints` and `is_resident` (model/planar_weights.py reads the CUDA engine's tensors).
 - `weights.get(name, dtype)` -> float tensor of torch shape. Small tensors are
-  dequantised once and kept; big ones (above CACHE_LIMIT elements, GGUF only) are
-  dequantised on every use so a full model never lives in memory as floats.
+  dequantised once and kept; big ones (above `cache_limit` elements, non-resident sources)
+  are dequantised on every use so a full model never lives in memory as floats.
 - `weights.expert(name, e, dtype)` -> one routed expert's [out, in] matrix; from a GGUF
   only that expert's contiguous slab is dequantised (one expert = one slab, gguf.md §3),
   unless the whole tensor is small enough to cache.
@@ -35,10 +37,12 @@ _F32, _F16, _I32 = 0, 1, 26
 class Weights:
     """Name -> tensor source. Build with `from_dict` or `from_gguf`."""
 
-    def __init__(self, config: ModelConfig, source: Any, shapes: dict[str, tuple[int, ...]]):
+    def __init__(self, config: ModelConfig, source: Any, shapes: dict[str, tuple[int, ...]],
+                 cache_limit: int = CACHE_LIMIT):
         self.config = config
         self._source = source
         self._shapes = shapes
+        self._cache_limit = cache_limit
         self._cache: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     # ---- construction ---------------------------------------------------------------
@@ -46,7 +50,7 @@ class Weights:
     def from_dict(cls, config: ModelConfig, tensors: dict[str, torch.Tensor], mtp: bool = False) -> "Weights":
         expected = names.expected_mtp_tensors(config) if mtp else names.expected_tensors(config)
         shapes = {name: tuple(t.shape) for name, t in tensors.items()}
-        _check(expected, shapes)
+        check_shapes(expected, shapes)
         return cls(config, _DictSource(tensors), shapes)
 
     @classmethod
@@ -55,7 +59,7 @@ class Weights:
             config = ModelConfig.from_metadata(gguf_file.metadata)
         expected = names.expected_mtp_tensors(config) if mtp else names.expected_tensors(config)
         shapes = {name: tuple(info.shape) for name, info in gguf_file.tensors.items()}
-        _check(expected, shapes)
+        check_shapes(expected, shapes)
         return cls(config, _GGUFSource(gguf_file), shapes)
 
     # ---- access -----------------------------------------------------------------------
@@ -70,12 +74,12 @@ class Weights:
         if key in self._cache:
             return self._cache[key]
         t = self._source.full(name).to(dtype)
-        if self._source.is_resident or t.numel() <= CACHE_LIMIT:
+        if self._source.is_resident or t.numel() <= self._cache_limit:
             self._cache[key] = t
         return t
 
     def expert(self, name: str, e: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if self._source.is_resident or _numel(self._shapes[name]) <= CACHE_LIMIT:
+        if self._source.is_resident or _numel(self._shapes[name]) <= self._cache_limit:
             # Small expert tensors (test models) are dequantised once, whole.
             return self.get(name, dtype)[e]
         return self._source.expert(name, e).to(dtype)
@@ -129,7 +133,8 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _check(expected: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+def check_shapes(expected: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every expected tensor present with the torch shape reversed(ne) (names.py)."""
     for name, (_, ne) in expected.items():
         if name not in shapes:
             raise KeyError(f"tensor {name} is missing")

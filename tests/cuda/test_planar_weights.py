@@ -1,0 +1,74 @@
+"""model/planar_weights.py: the reference on the CUDA engine's planar tensors (CPU, tiny model).
+
+Oracle: the reference engine on the GGUF file itself. The planar tensors come from
+`cuda_engine.load_tensors` of that file on the CPU; `dequantize_planar` repeats gguf's float
+operations in gguf's order (tests/kernels/test_repack.py), so every weight is the same float
+and the same reference code runs the same ops: the logits must be bit-equal ("exact").
+Two cases: q2 experts (IQ2_XXS/Q2_K) with cache_limit 0 (every tensor per use, routed experts
+one at a time through `select_experts`, as every matrix is on Flash), and q4 experts (Q4_K)
+with the default cache limit (the tiny model's tensors then all kept as fp32).
+The GPU use at full size is tests/cuda/test_cuda_full.py.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from dwarfstar.engine.cuda_engine import load_tensors
+from dwarfstar.engine.engine import Engine, EngineOptions
+from dwarfstar.engine.session import Session
+from dwarfstar.gguf.reader import GGUFFile
+from dwarfstar.gguf.synth import TINY, synthesize
+from dwarfstar.kernels.repack import PlanarQ8_0
+from dwarfstar.model.planar_weights import PLANAR_CACHE_LIMIT, on_device, planar_weights
+from dwarfstar.model.reference import ReferenceModel
+
+# Window 8 and index top-k 4 so that ring wrap, compressor emits (ratios 4 and 8) and the
+# indexer's selection all happen within 20 tokens; layer 0 is hash-routed.
+CONFIG = dataclasses.replace(TINY, window_size=8, index_topk=4, compress_ratios=(0, 4, 8, 4), n_hash_layers=1)
+N_PROMPT, N_DECODE = 12, 6
+
+
+def _model(tmp_path_factory, experts):
+    return synthesize(tmp_path_factory.mktemp("planar") / f"tiny_{experts}.gguf", config=CONFIG, experts=experts)
+
+
+@pytest.mark.parametrize("experts,cache_limit", [("q2", 0), ("q4", PLANAR_CACHE_LIMIT)])
+def test_reference_on_planar_tensors_equals_reference_on_gguf(tmp_path_factory, experts, cache_limit, tol,
+                                                              single_thread):
+    model_path = _model(tmp_path_factory, experts)
+    tokens = torch.randint(0, CONFIG.vocab_size, (N_PROMPT + N_DECODE,),
+                           generator=torch.Generator().manual_seed(11)).tolist()
+    gguf_session = Engine.load(model_path, EngineOptions(backend="reference", ctx=64)).new_session()
+    tensors = load_tensors(GGUFFile(model_path), "cpu", progress=False)
+    assert isinstance(tensors["blk.1.attn_q_a.weight"], PlanarQ8_0)
+    weights = planar_weights(CONFIG, tensors, cache_limit)
+    with on_device("cpu"):
+        planar_session = Session(ReferenceModel(weights), ctx=64)
+        planar_session.sync(tokens[:N_PROMPT])
+    gguf_session.sync(tokens[:N_PROMPT])
+    diffs = [(planar_session.logits() - gguf_session.logits()).abs().max().item()]
+    for t in tokens[N_PROMPT:]:
+        with on_device("cpu"):
+            planar_session.eval(t)
+        gguf_session.eval(t)
+        diffs.append((planar_session.logits() - gguf_session.logits()).abs().max().item())
+    assert max(diffs) <= tol("exact"), diffs
+    if cache_limit == 0:
+        # Nothing was kept as fp32: every matrix and expert was a per-use temporary.
+        assert not weights._cache
+
+
+def test_planar_weights_checks_names_and_shapes(tmp_path_factory):
+    tensors = load_tensors(GGUFFile(_model(tmp_path_factory, "q2")), "cpu", progress=False)
+    del tensors["blk.2.ffn_norm.weight"]
+    with pytest.raises(KeyError, match="blk.2.ffn_norm.weight"):
+        planar_weights(CONFIG, tensors)
+
+
+def test_on_device_restores_the_default_device():
+    before = torch.get_default_device()
+    with on_device("meta"):
+        assert torch.zeros(3).device.type == "meta"
+    assert torch.get_default_device() == before
