@@ -99,7 +99,8 @@ Prefill and generation throughput at increasing context frontiers; CSV output.
                            (cuda backend; speed only, the text is meaningless to them)
   -h, --help               show this help
 
-The text shipped for this is bench/data/stdlib_docstrings.txt (see bench/data/README.md).
+The text shipped for this is bench/data/paradise_lost.txt, a public-domain book (see
+bench/data/README.md).
 """
 
 

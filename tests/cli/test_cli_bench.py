@@ -22,7 +22,7 @@ from dwarfstar.flags import UsageError
 from .fakes import FakeEngine
 
 REPO = Path(__file__).resolve().parents[2]
-TEXT = REPO / "bench" / "data" / "stdlib_docstrings.txt"
+TEXT = REPO / "bench" / "data" / "paradise_lost.txt"
 
 
 def sched(start, end, incr=2048, mul=1.0):
@@ -103,7 +103,7 @@ def test_bench_on_the_tiny_model(tmp_path, one_thread):
     model = synthesize(tmp_path / "tiny.gguf", preset="tiny")
     csv = tmp_path / "out.csv"
     # The head of the shipped text: the tiny vocabulary has few merges, so the whole
-    # 600 KB would cost seconds of tokenizing for 40 tokens of context.
+    # 457 KB would cost seconds of tokenizing for 40 tokens of context.
     text = tmp_path / "head.txt"
     text.write_text(TEXT.read_text()[:2000])
     env = dict(os.environ, PYTHONPATH=str(REPO), DS4_LOCK_FILE=str(tmp_path / "lock"), OMP_NUM_THREADS="1")
@@ -123,6 +123,18 @@ def test_bench_on_the_tiny_model(tmp_path, one_thread):
         session.sync(tokens[: int(r[0])])
         assert int(r[5]) == len(session.snapshot())
     assert b"ds4-bench: device cpu, commit" in proc.stderr
+
+
+def test_shipped_text_is_the_whole_book_without_project_gutenbergs_header():
+    """bench/data/README.md's claims: the poem's twelve books, title to end, LF-only ASCII, none
+    of Project Gutenberg's introduction, long enough (>= 400 KB) for frontiers past 100K tokens."""
+    text = TEXT.read_bytes().decode("ascii")
+    assert text.startswith("Paradise Lost\n")
+    assert text.endswith("Through Eden took their solitary way.\n\n[The End]\n")
+    books = [line for line in text.splitlines() if line.startswith("Book ")]
+    assert books == [f"Book {n}" for n in "I II III IV V VI VII VIII IX X XI XII".split()]
+    assert "Gutenberg" not in text and "\r" not in text and "\x1a" not in text
+    assert len(text) >= 400_000
 
 
 def test_text_too_short_exits_1(tmp_path, monkeypatch, capsys):
