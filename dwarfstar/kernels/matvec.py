@@ -167,6 +167,26 @@ def _matvec_kernel(
     tl.store(y_ptrs, acc, mask=mask_n[:, None] & mask_b[None, :])
 
 
+def cat_planar(parts: list[Planar]) -> Planar:
+    """Dense planar weights [N_i, K] of one type stacked along N -> [sum N_i, K], so mat-vecs
+    reading the same x run as one launch. Every planar field has N as its leading dim, so
+    this is a torch.cat of each field: dequantize_planar(result) == cat(dequantize_planar(parts))."""
+    kind, k = type(parts[0]), parts[0].shape[-1]
+    assert all(type(p) is kind and len(p.shape) == 2 and p.shape[-1] == k for p in parts), \
+        "cat_planar: dense weights of one planar type and one K"
+    return kind(*(torch.cat([getattr(p, f) for p in parts]) for f in kind.__dataclass_fields__))
+
+
+def split_planar(w: Planar, sizes: list[int]) -> list[Planar]:
+    """Row ranges of a dense planar weight as planar views (contiguous, no copy)."""
+    assert len(w.shape) == 2 and sum(sizes) == w.shape[0], f"sizes {sizes} do not cover {w.shape[0]} rows"
+    out, r0 = [], 0
+    for n in sizes:
+        out.append(type(w)(*(getattr(w, f)[r0:r0 + n] for f in w.__dataclass_fields__)))
+        r0 += n
+    return out
+
+
 def _weight_args(w: Planar) -> tuple[torch.Tensor, ...]:
     """The four pointer arguments of `_matvec_kernel` for this format (unused ones repeat p0)."""
     for t in w.__dataclass_fields__:

@@ -86,6 +86,9 @@ def test_launcher_rejects_bad_inputs(gen):
     (T.Q8_0, 1024, 4096, 1), (T.Q8_0, 32768, 1024, 1), (T.Q8_0, 4096, 8192, 8),
     (T.Q8_0, 129280, 4096, 1), (T.F16, 1024, 4096, 1), (T.F16, 24, 16384, 4),
     (T.IQ2_XXS, 2048, 4096, 2), (T.Q2_K, 4096, 2048, 5), (T.Q4_K, 2048, 4096, 8),
+    # Merged at load (forward.py SHARED_INPUT): q_a + kv, shared gate + up, both compressors +
+    # indexer weights (ratio 4), both compressor matrices (ratio 128).
+    (T.Q8_0, 1536, 4096, 1), (T.Q8_0, 4096, 4096, 1), (T.F16, 2624, 4096, 1), (T.F16, 1024, 4096, 1),
 ], ids=lambda v: getattr(v, "name", str(v)))
 def test_matvec_gpu_flash_shapes(ggml_type, n, k, b, gen, check):
     check_dense(ggml_type, n, k, b, gen, check)
@@ -118,3 +121,24 @@ def test_matvec_graph_replay_matches_eager(gen):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, matvec(w, x)) and torch.equal(ye, expert_matvec(e, ids, xe))
+
+
+@pytest.mark.parametrize("ggml_type", FORMATS, ids=lambda t: t.name)
+def test_cat_planar_stacks_rows(ggml_type, gen, check):
+    """Merged weights (one launch for mat-vecs sharing x): dequant(merged) == cat(dequant(parts))
+    bit for bit, the row views give the parts back, and the merged mat-vec matches the oracle."""
+    from dwarfstar.kernels.matvec import cat_planar, split_planar
+    from dwarfstar.kernels.repack import dequantize_planar
+
+    k, sizes = 512, (5, 3, 7)
+    raws = [random_raw(ggml_type, (n, k), gen) for n in sizes]
+    parts = [repack(r, ggml_type, (n, k)) for r, n in zip(raws, sizes)]
+    merged = cat_planar(parts)
+    assert merged.shape == (sum(sizes), k)
+    assert torch.equal(dequantize_planar(merged), torch.cat([dequantize_planar(p) for p in parts]))
+    for view, p in zip(split_planar(merged, list(sizes)), parts):
+        assert view.shape == p.shape and torch.equal(dequantize_planar(view), dequantize_planar(p))
+    x = torch.randn(2, k, generator=gen, device=gen.device)
+    expected = torch.cat([x.double().cpu() @ oracle_weight(r, ggml_type, (n, k)).T
+                          for r, n in zip(raws, sizes)], 1)
+    check(matvec(merged, x, out=poisoned(2, sum(sizes), x.device)), expected, "fp32_matvec")
