@@ -17,6 +17,7 @@ Run alone: `python3 -m pytest -m gpu tests/cuda/test_cuda_full.py -x -q -s`.
 """
 
 import contextlib
+import dataclasses
 import gc
 import time
 
@@ -65,16 +66,16 @@ def _prompt(n, vocab, seed=0):
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-class _ReferenceRun:
-    """A reference engine session on the GPU; `int8` = the routed experts' inputs rounded to int8."""
+class ReferenceRun:
+    """A reference engine session on `device`; `int8` = the routed experts' inputs rounded to int8."""
 
-    def __init__(self, model, int8):
-        self.int8 = int8
-        with on_device("cuda"):
-            self.session = Session(model, CTX, prefill_chunk=N_PROMPT)
+    def __init__(self, model, ctx, int8, device="cuda"):
+        self.int8, self.device = int8, device
+        with on_device(device):
+            self.session = Session(model, ctx, prefill_chunk=ctx)
 
     def _run(self, fn, arg):
-        with on_device("cuda"), (int8_reference() if self.int8 else contextlib.nullcontext()):
+        with on_device(self.device), (int8_reference() if self.int8 else contextlib.nullcontext()):
             fn(arg)
         return self.session.logits()
 
@@ -85,25 +86,34 @@ class _ReferenceRun:
         return self._run(self.session.eval, token)
 
 
-def test_full_size_greedy_and_top20_match_reference(models, tol, logprob_error):
-    engine, reference = models
-    bound = tol("int8_official")
-    prompt = _prompt(N_PROMPT, engine.config.vocab_size)
-    session = engine.new_session()
-    oracle, plain = _ReferenceRun(reference, int8=True), _ReferenceRun(reference, int8=False)
+@dataclasses.dataclass
+class Agreement:
+    errors: list          # top-20 |Δ logprob| vs the int8-expert reference, after the prompt and each step
+    plain_errors: list    # the same vs the plain reference
+    greedy_flips: list    # (step, got, reference's argmax, reference's top-2 gap) beyond a near-tie
+    over: list            # indices into errors past the bound, flips included
+    reference_s: float
 
-    start = time.perf_counter()
+    def summary(self) -> str:
+        def stats(e):
+            return f"max {max(e):.3g}, mean {sum(e) / len(e):.3g}"
+        return (f"top-20 |Δ logprob| vs int8-expert reference: {stats(self.errors)}; vs plain reference: "
+                f"{stats(self.plain_errors)}; steps past the bound: {self.over}; greedy flips beyond a "
+                f"near-tie {self.greedy_flips}")
+
+
+def greedy_agreement(session, oracle: ReferenceRun, plain: ReferenceRun, prompt, n_greedy, bound,
+                     logprob_error) -> Agreement:
+    """Prefill `prompt` into all three, then `n_greedy` steps on the CUDA session's greedy tokens."""
     session.sync(prompt)
-    torch.cuda.synchronize()
-    cuda_s, start = time.perf_counter() - start, time.perf_counter()
+    start = time.perf_counter()
     ref, ref_plain = oracle.sync(prompt), plain.sync(prompt)
-    ref_s = time.perf_counter() - start
+    reference_s = time.perf_counter() - start
     errors = [logprob_error(ref, session.logits())]
     plain_errors = [logprob_error(ref_plain, session.logits())]
     greedy_flips = []
-    for step in range(N_GREEDY):
-        got = session.logits()
-        token = int(got.argmax())
+    for step in range(n_greedy):
+        token = int(session.logits().argmax())
         top2 = torch.topk(ref.double(), 2).values
         gap = (top2[0] - top2[1]).item()
         if token != int(ref.argmax()) and gap > bound:
@@ -112,22 +122,30 @@ def test_full_size_greedy_and_top20_match_reference(models, tol, logprob_error):
         session.eval(token)
         start = time.perf_counter()
         ref, ref_plain = oracle.eval(token), plain.eval(token)
-        ref_s += time.perf_counter() - start
+        reference_s += time.perf_counter() - start
         errors.append(logprob_error(ref, session.logits()))
         plain_errors.append(logprob_error(ref_plain, session.logits()))
-
-    mean, plain_mean = sum(errors) / len(errors), sum(plain_errors) / len(plain_errors)
     over = sorted({i for i, e in enumerate(errors) if e > bound} | {step + 1 for step, *_ in greedy_flips})
-    print(f"full-size q2, {N_PROMPT}-token prompt + {N_GREEDY} greedy steps, top-20 |Δ logprob| "
-          f"vs int8-expert reference: max {max(errors):.3g}, mean {mean:.3g}; vs plain reference: "
-          f"max {max(plain_errors):.3g}, mean {plain_mean:.3g}; steps past {bound}: {over}; "
-          f"greedy flips beyond a near-tie {greedy_flips}")
-    print(f"per step vs int8 reference: {[round(e, 4) for e in errors]}")
-    print(f"CUDA prefill {cuda_s:.1f} s; reference (int8 + plain) {ref_s:.1f} s; "
+    return Agreement(errors, plain_errors, greedy_flips, over, reference_s)
+
+
+def test_full_size_greedy_and_top20_match_reference(models, tol, logprob_error):
+    engine, reference = models
+    bound = tol("int8_official")
+    prompt = _prompt(N_PROMPT, engine.config.vocab_size)
+    oracle, plain = ReferenceRun(reference, CTX, int8=True), ReferenceRun(reference, CTX, int8=False)
+    start = time.perf_counter()
+    a = greedy_agreement(engine.new_session(), oracle, plain, prompt, N_GREEDY, bound, logprob_error)
+    total_s = time.perf_counter() - start
+    mean, plain_mean = sum(a.errors) / len(a.errors), sum(a.plain_errors) / len(a.plain_errors)
+    print(f"full-size q2, {N_PROMPT}-token prompt + {N_GREEDY} greedy steps, bound {bound}: {a.summary()}")
+    print(f"per step vs int8 reference: {[round(e, 4) for e in a.errors]}")
+    print(f"per step vs plain reference: {[round(e, 4) for e in a.plain_errors]}")
+    print(f"CUDA {total_s - a.reference_s:.1f} s, reference (int8 + plain) {a.reference_s:.1f} s; "
           f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    assert len(over) <= tol("discrete_flips_full"), (errors, greedy_flips)
+    assert len(a.over) <= tol("discrete_flips_full"), (a.errors, a.greedy_flips)
     # A systematic error at Flash shapes would raise every step, not a few: the mean is held to
     # the per-step bound; every step (flips included) to the int8 guard.
-    assert mean <= bound, errors
-    assert max(errors) <= tol("int8_experts_vs_plain"), errors
-    assert plain_mean <= tol("int8_experts_vs_plain"), plain_errors
+    assert mean <= bound, a.errors
+    assert max(a.errors) <= tol("int8_experts_vs_plain"), a.errors
+    assert plain_mean <= tol("int8_experts_vs_plain"), a.plain_errors
