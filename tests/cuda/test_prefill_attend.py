@@ -1,0 +1,52 @@
+"""Chunk attention in query blocks (kernels/prefill_attend.py) vs the reference `_attend`
+(model/attention.py) over all keys of the chunk with the full window mask."""
+
+import pytest
+import torch
+
+from dwarfstar.kernels.prefill_attend import attend_chunk, block_size
+from dwarfstar.model.attention import _attend
+
+H, DH, W = 4, 64, 8
+
+
+def _case(t, n_comp, t0, gen):
+    q = torch.nn.functional.normalize(torch.randn(t, H, DH, generator=gen), dim=-1) * DH ** 0.5
+    kv = torch.randn(t, DH, generator=gen)
+    ring = torch.randn(W, DH, generator=gen)
+    # Ring slots hold positions t0 - W .. t0 - 1 (slot p % W); -1 = never written (t0 < W).
+    ring_pos = torch.full((W,), -1, dtype=torch.int64)
+    for p in range(max(0, t0 - W), t0):
+        ring_pos[p % W] = p
+    positions = torch.arange(t0, t0 + t)
+    comp = torch.randn(n_comp, DH, generator=gen) if n_comp else None
+    comp_mask = torch.rand(t, n_comp, generator=gen) < 0.6 if n_comp else None
+    sinks = torch.randn(H, generator=gen)
+    return q, kv, ring, ring_pos, positions, comp, comp_mask, sinks
+
+
+def _full(q, kv, ring, ring_pos, positions, comp, comp_mask, sinks):
+    keys, key_pos = torch.cat([ring, kv]), torch.cat([ring_pos, positions])
+    mask = (key_pos[None] <= positions[:, None]) & (key_pos[None] > positions[:, None] - W) & (key_pos[None] >= 0)
+    if comp is not None:
+        keys, mask = torch.cat([keys, comp]), torch.cat([mask, comp_mask], 1)
+    return _attend(q, keys, mask, sinks)
+
+
+@pytest.mark.parametrize("t,n_comp,t0", [(37, 0, 0), (37, 11, 5), (20, 6, 100)])
+def test_blocks_match_full_attention(t, n_comp, t0, tol):
+    case = _case(t, n_comp, t0, torch.Generator().manual_seed(t + n_comp + t0))
+    want = _full(*case)
+    small = 16 * H * 4 * (2 * W + 4 + n_comp)          # forces 4-query blocks
+    assert block_size(H, W, n_comp, small) == 4
+    got = attend_chunk(*case, W, torch.float32, max_bytes=small)
+    assert ((got - want).norm() / want.norm()).item() <= tol("prefill_attend_fp32")
+    half = attend_chunk(*case, W, torch.float16, max_bytes=small)
+    assert ((half - want).norm() / want.norm()).item() <= tol("prefill_attend_fp16")
+
+
+def test_block_size_bounds_memory():
+    # Flash: 64 heads, window 128; 128K context at ratio 4 = 32768 compressed rows.
+    tq = block_size(64, 128, 32768)
+    assert 1 <= tq < 256 and 16 * 64 * tq * (256 + tq + 32768) <= 2 << 30
+    assert block_size(64, 128, 16) == 256
