@@ -10,31 +10,31 @@ from dwarfstar.model.attention import _attend
 H, DH, W = 4, 64, 8
 
 
-def _case(t, n_comp, t0, gen):
-    q = torch.nn.functional.normalize(torch.randn(t, H, DH, generator=gen), dim=-1) * DH ** 0.5
-    kv = torch.randn(t, DH, generator=gen)
-    ring = torch.randn(W, DH, generator=gen)
+def _case(t, n_comp, t0, gen, h=H, dh=DH, w=W):
+    q = torch.nn.functional.normalize(torch.randn(t, h, dh, generator=gen), dim=-1) * dh ** 0.5
+    kv = torch.randn(t, dh, generator=gen)
+    ring = torch.randn(w, dh, generator=gen)
     # Ring slots hold positions t0 - W .. t0 - 1 (slot p % W); -1 = never written (t0 < W).
-    ring_pos = torch.full((W,), -1, dtype=torch.int64)
-    for p in range(max(0, t0 - W), t0):
-        ring_pos[p % W] = p
+    ring_pos = torch.full((w,), -1, dtype=torch.int64)
+    for p in range(max(0, t0 - w), t0):
+        ring_pos[p % w] = p
     positions = torch.arange(t0, t0 + t)
-    comp = torch.randn(n_comp, DH, generator=gen) if n_comp else None
+    comp = torch.randn(n_comp, dh, generator=gen) if n_comp else None
     comp_mask = torch.rand(t, n_comp, generator=gen) < 0.6 if n_comp else None
-    sinks = torch.randn(H, generator=gen)
+    sinks = torch.randn(h, generator=gen)
     return q, kv, ring, ring_pos, positions, comp, comp_mask, sinks
 
 
-def _full(q, kv, ring, ring_pos, positions, comp, comp_mask, sinks):
+def _full(q, kv, ring, ring_pos, positions, comp, comp_mask, sinks, w=W):
     keys, key_pos = torch.cat([ring, kv]), torch.cat([ring_pos, positions])
-    mask = (key_pos[None] <= positions[:, None]) & (key_pos[None] > positions[:, None] - W) & (key_pos[None] >= 0)
+    mask = (key_pos[None] <= positions[:, None]) & (key_pos[None] > positions[:, None] - w) & (key_pos[None] >= 0)
     if comp is not None:
         keys, mask = torch.cat([keys, comp]), torch.cat([mask, comp_mask], 1)
     return _attend(q, keys, mask, sinks)
 
 
 @pytest.mark.parametrize("t,n_comp,t0", [(37, 0, 0), (37, 11, 5), (20, 6, 100)])
-def test_blocks_match_full_attention(t, n_comp, t0, tol):
+def test_blocks_match_full_attention(t, n_comp, t0, tol, single_thread):
     case = _case(t, n_comp, t0, torch.Generator().manual_seed(t + n_comp + t0))
     want = _full(*case)
     small = 16 * H * 4 * (2 * W + 4 + n_comp)          # forces 4-query blocks
@@ -50,3 +50,23 @@ def test_block_size_bounds_memory():
     tq = block_size(64, 128, 32768)
     assert 1 <= tq < 256 and 16 * 64 * tq * (256 + tq + 32768) <= 2 << 30
     assert block_size(64, 128, 16) == 256
+
+
+@pytest.mark.gpu
+def test_fp16_blocks_flash_shapes(tol):
+    """Flash attention shapes (64 heads x 512, window 128), a 2048-query chunk at position 4096
+    with 1024 compressed rows: fp16 tensor-core blocks vs the fp32 reference on the GPU."""
+    from dwarfstar.shape import FLASH
+
+    w = FLASH.window_size
+    torch.set_default_device("cuda")
+    try:
+        case = _case(2048, 1024, 4096, torch.Generator(device="cuda").manual_seed(1), FLASH.n_heads,
+                     FLASH.head_dim, w)
+        want = _full(*case, w=w)
+        got = attend_chunk(*case, w, torch.float16)
+    finally:
+        torch.set_default_device(None)
+    err = ((got - want).norm() / want.norm()).item()
+    print(f"fp16 chunk attention vs fp32 reference: rel L2 {err:.3g}")
+    assert err <= tol("prefill_attend_fp16")

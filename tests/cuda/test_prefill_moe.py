@@ -33,7 +33,7 @@ def _rel(a, b):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU loop path (GPU: the gpu test below)")
 @pytest.mark.parametrize("int8", [True, False])
-def test_grouped_matches_expert_loop(model_path, int8, tol):
+def test_grouped_matches_expert_loop(model_path, int8, tol, single_thread):
     ops = TWIN_INT8_OPS if int8 else TWIN_OPS
     model = CudaEngine.load(model_path, EngineOptions(backend="cuda", ctx=64), ops=ops).model
     gen = torch.Generator().manual_seed(11)
