@@ -8,14 +8,19 @@ Contract:
   y[b, n] = sum_k x[b, k] * W[n, k]. The weight is read once for all B columns.
 - `expert_matvec(w, ids, x)`: w planar [E, N, K], ids int32 [S], x float32 [S, K] ->
   y float32 [S, N], y[s] = W[ids[s]] @ x[s]. Only the selected experts' rows are read.
-- Both take an optional preallocated `out` (static addresses for CUDA graphs) and never sync.
+- `matvec_split_k(w, x, splits)` -> partial products float32 [S, B, N] over S consecutive K
+  ranges (`split_chunk`); their sum is matvec(w, x). For few rows with a long K.
+- `cat_planar(parts)` / `split_planar(w, sizes)`: dense planar weights of one type stacked
+  along N (one launch for mat-vecs sharing x) and row views of such a stack.
+- All take an optional preallocated `out` (static addresses for CUDA graphs) and never sync.
 - Weights are dequantised in registers to fp32 and multiplied by fp32 x with fp32
   accumulation: the result differs from the float64 product by fp32 rounding only.
   (The int8-activation dp4a recipe of kernels.md §4 is a later, faster variant.)
 
 One kernel serves all five formats (FMT constexpr picks the tile decoder) and both calls
 (HAS_IDS constexpr): program (i, s) computes rows i*BLOCK_N.. of slot s; a dense call has one
-slot holding all B columns, an expert call S slots of one column each.
+slot holding all B columns, an expert call S slots of one column each. With SPLIT, program
+(i, s, c) covers the c-th K range only and writes partial c.
 """
 
 from __future__ import annotations
@@ -125,12 +130,21 @@ def _tile_q4_k(qs_ptr, sc_ptr, mn_ptr, dm_ptr, rows, offs_k, mask, K):
 
 @triton.jit
 def _matvec_kernel(
-    p0, p1, p2, p3, ids_ptr, x_ptr, y_ptr, N, K,
+    p0, p1, p2, p3, ids_ptr, x_ptr, y_ptr, N, K, K_CHUNK,
     FMT: tl.constexpr, HAS_IDS: tl.constexpr, B: tl.constexpr, BP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
+    # Split K: program (i, s, c) sums inputs [c K_CHUNK, (c + 1) K_CHUNK) into partial c.
+    if SPLIT:
+        pid_k = tl.program_id(2)
+        k_lo = pid_k * K_CHUNK
+        k_hi = tl.minimum(K, k_lo + K_CHUNK)
+        y_ptr += pid_k * tl.num_programs(1) * B * N
+    else:
+        k_lo = 0
+        k_hi = K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     if HAS_IDS:
@@ -143,7 +157,7 @@ def _matvec_kernel(
     mask_b = offs_b < B
     x_base = x_ptr + pid_s * B * K
     acc = tl.zeros([BLOCK_N, BP], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         mask = mask_n[:, None] & mask_k[None, :]
@@ -231,25 +245,32 @@ def _default_block_n(n_rows: int, n_slots: int, cols: int) -> int:
     return max(1, block_n // max(1, cols // 2))
 
 
-def _launch(w, ids, x, out, n_slots, cols, block_n, block_k, num_warps):
+def _launch(w, ids, x, out, n_slots, cols, block_n, block_k, num_warps, splits=0):
     *_, n, k = w.shape
     assert x.dtype == torch.float32 and x.is_contiguous() and x.shape[-1] == k, "x: float32 [.., K] contiguous"
     assert 1 <= cols <= MAX_COLS, f"at most {MAX_COLS} columns per slot, got {cols}"
+    shape = (splits, x.shape[0], n) if splits else (x.shape[0], n)
     if out is None:
-        out = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
-    assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (x.shape[0], n)
+        out = torch.empty(shape, dtype=torch.float32, device=x.device)
+    assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == shape
     p0, p1, p2, p3 = _weight_args(w)
     assert p0.device == x.device == out.device, "weights, x and out on one device"
     if block_n is None and cols == 1 and block_k == BLOCK_K and num_warps == NUM_WARPS:
         block_n, block_k, num_warps = _b1_tiling(w, n, k)
     block_n = block_n or _default_block_n(n, n_slots, cols)
-    grid = (triton.cdiv(n, block_n), n_slots)
+    grid = (triton.cdiv(n, block_n), n_slots, max(1, splits))
     _matvec_kernel[grid](
-        p0, p1, p2, p3, ids if ids is not None else p0, x, out, n, k,
+        p0, p1, p2, p3, ids if ids is not None else p0, x, out, n, k, split_chunk(k, splits, block_k),
         FMT=FMT[type(w)], HAS_IDS=ids is not None, B=cols, BP=triton.next_power_of_2(cols),
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=splits > 0, num_warps=num_warps,
     )
     return out
+
+
+def split_chunk(k: int, splits: int, block_k: int) -> int:
+    """Inputs per split-K partial: K / splits rounded up to whole BLOCK_K tiles (a tile never
+    straddles two partials); the last partials may be short or empty (then zero)."""
+    return triton.cdiv(triton.cdiv(k, max(1, splits)), block_k) * block_k
 
 
 def matvec(
@@ -269,3 +290,29 @@ def expert_matvec(
     assert len(w.shape) == 3 and x.dim() == 2, "expert weight [E, N, K], x [S, K]"
     assert ids.dtype == torch.int32 and ids.is_contiguous() and ids.shape == (x.shape[0],), "ids: int32 [S]"
     return _launch(w, ids, x, out, x.shape[0], 1, block_n, block_k, num_warps)
+
+
+# ---- split K: few-row mat-vecs with a long K (the HC fn 24 x 16384, the head's 4 x 16384) --
+# One program per row block reads all of K: 12 programs for 24 rows, 3 % of streaming read on
+# H100 (docs/PERF.md). Split over K instead, each program writing its partial sum; the consumer
+# sums the S partials (kernels/hc.py hc_split does, in the launch it makes anyway).
+SPLIT_K = 32
+SPLIT_TILING = (4, 512, 4)   # (block_n, block_k, num_warps); untuned, see bench/matvec_bench.py
+
+
+def matvec_split_k_ref(w: Planar, x: torch.Tensor, splits: int = SPLIT_K, block_k: int = SPLIT_TILING[1]):
+    """Twin of `matvec_split_k`: partial [S, B, N] over the same K ranges."""
+    wf, xf = dequantize_planar(w), x.float()
+    chunk = split_chunk(wf.shape[1], splits, block_k)
+    return torch.stack([xf[:, i * chunk:(i + 1) * chunk] @ wf[:, i * chunk:(i + 1) * chunk].T
+                        for i in range(splits)])
+
+
+def matvec_split_k(
+    w: Planar, x: torch.Tensor, splits: int = SPLIT_K, out: torch.Tensor | None = None,
+    block_n: int = SPLIT_TILING[0], block_k: int = SPLIT_TILING[1], num_warps: int = SPLIT_TILING[2],
+) -> torch.Tensor:
+    """Partial products [S, B, N]: partial c = x[:, Kc] @ W[:, Kc]^T over the c-th K range
+    (`split_chunk`); their sum is `matvec(w, x)` up to fp32 order."""
+    assert len(w.shape) == 2 and x.dim() == 2 and splits >= 1, "dense weight [N, K], x [B, K]"
+    return _launch(w, None, x, out, 1, x.shape[0], block_n, block_k, num_warps, splits)

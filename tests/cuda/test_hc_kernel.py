@@ -70,3 +70,24 @@ def test_hc_post_and_weighted_sum_match_twins(t, d):
     got = hc_weighted_sum(x, pre)
     want = hc_weighted_sum_ref(x.double(), pre.double())
     assert ((got.double() - want).norm() / want.norm()).item() < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 4])
+def test_hc_chain_flash_shape(t, tol):
+    """forward.hc_pre's decode chain at Flash shape: split-K mat-vec of the raw 4 x 4096 rows,
+    then hc_split summing the partials with the folded norm, vs the unfused float64 order."""
+    from dwarfstar.kernels.matvec import matvec_split_k
+    from dwarfstar.kernels.repack import PlanarF16
+
+    g = torch.Generator(device="cuda").manual_seed(t)
+    n, k, norm_eps = 4, 16384, 1e-6
+    fn = (torch.randn((2 + n) * n, k, generator=g, device="cuda") * 0.02).half()
+    x = torch.randn(t, k, generator=g, device="cuda") * 20
+    scale = torch.rand(3, generator=g, device="cuda") * 0.4 + 0.1
+    base = torch.randn((2 + n) * n, generator=g, device="cuda") * 0.1
+    got = hc_split(matvec_split_k(PlanarF16(fn), x), scale, base, n, 20, 1e-6, x=x, norm_eps=norm_eps)
+    mix = rms_norm(x.double(), None, norm_eps) @ fn.double().T
+    want = hc_split_ref(mix, scale.double(), base.double(), n, 20, 1e-6)
+    for a, b in zip(got, want):
+        assert ((a.double() - b).norm() / b.norm()).item() < tol("fp32_matvec")

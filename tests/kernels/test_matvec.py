@@ -142,3 +142,39 @@ def test_cat_planar_stacks_rows(ggml_type, gen, check):
     expected = torch.cat([x.double().cpu() @ oracle_weight(r, ggml_type, (n, k)).T
                           for r, n in zip(raws, sizes)], 1)
     check(matvec(merged, x, out=poisoned(2, sum(sizes), x.device)), expected, "fp32_matvec")
+
+
+@pytest.mark.parametrize("ggml_type,k,splits", [(T.F16, 1000, 5), (T.Q8_0, 1024, 4)], ids=["F16", "Q8_0"])
+def test_matvec_split_k(ggml_type, k, splits, gen, check):
+    """Split-K partials: partial c is the product over the c-th K range (`split_chunk`), vs the
+    gguf oracle in float64; the twin over the same ranges; a ragged K and an empty last range."""
+    from dwarfstar.kernels.matvec import matvec_split_k, matvec_split_k_ref, split_chunk
+
+    n, b, block_k = 6, 2, 128
+    raw = random_raw(ggml_type, (n, k), gen)
+    w = repack(raw, ggml_type, (n, k))
+    x = torch.randn(b, k, generator=gen, device=gen.device)
+    wd, xd = oracle_weight(raw, ggml_type, (n, k)), x.double().cpu()
+    chunk = split_chunk(k, splits, block_k)
+    expected = torch.stack([xd[:, i * chunk:(i + 1) * chunk] @ wd[:, i * chunk:(i + 1) * chunk].T
+                            for i in range(splits)])
+    out = torch.full((splits, b, n), float("nan"), device=x.device)
+    got = matvec_split_k(w, x, splits, out=out, block_n=4, block_k=block_k)
+    check(got, expected, "fp32_matvec")
+    check(got.sum(0), xd @ wd.T, "fp32_matvec")
+    check(matvec_split_k_ref(w, x, splits, block_k), expected, "fp32_matvec")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,b", [(24, 1), (24, 4), (4, 1)], ids=["hc-B1", "hc-B4", "head-hc"])
+def test_matvec_split_k_gpu_hc_shapes(n, b, gen, check):
+    """The HC fn mat-vecs at Flash shape (K = 4 x 4096) with the default split: the sum of the
+    partials vs the gguf oracle."""
+    from dwarfstar.kernels.matvec import SPLIT_K, matvec_split_k
+
+    k = 16384
+    raw = random_raw(T.F16, (n, k), gen)
+    x = torch.randn(b, k, generator=gen, device=gen.device)
+    got = matvec_split_k(repack(raw, T.F16, (n, k)), x)
+    assert got.shape == (SPLIT_K, b, n)
+    check(got.sum(0), x.double().cpu() @ oracle_weight(raw, T.F16, (n, k)).T, "fp32_matvec")
