@@ -34,6 +34,10 @@ from dwarfstar.kernels.repack import PlanarF16, planar_nbytes, repack
 from dwarfstar.model.forward import TRITON_OPS, TWIN_OPS, ForwardModel
 from dwarfstar.shape import ModelConfig
 
+# Default prefill chunk (tokens): each chunk dequantises every used expert and dense matrix
+# once per layer, so longer chunks amortise that; the chunk's memory is bounded per layer
+# (kernels/prefill_moe.py, kernels/prefill_attend.py, forward.INDEX_SCORE_BYTES), a few GB.
+PREFILL_CHUNK = 2048
 # GGUF names whose 2-D F16 tensors are added, not multiplied (kept as float32).
 _ADDITIVE = ("compressor_ape", "indexer_compressor_ape")
 _EMBED = "token_embd.weight"
@@ -175,11 +179,12 @@ class CudaEngine(Engine):
     def new_session(self, ctx: int | None = None, use_graph: bool | None = None) -> "CudaSession":
         if use_graph is None:
             use_graph = self.model.device.type == "cuda"
-        return CudaSession(self.model, ctx or self.options.ctx, self.options.prefill_chunk, use_graph)
+        return CudaSession(self.model, ctx or self.options.ctx, self.options.prefill_chunk or PREFILL_CHUNK,
+                           use_graph)
 
 
 class CudaSession:
-    def __init__(self, model: ForwardModel, ctx: int, prefill_chunk: int = 512, use_graph: bool = True):
+    def __init__(self, model: ForwardModel, ctx: int, prefill_chunk: int = PREFILL_CHUNK, use_graph: bool = True):
         self.model = model
         self.ctx = ctx
         self.prefill_chunk = max(1, prefill_chunk)

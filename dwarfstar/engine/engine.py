@@ -25,6 +25,8 @@ from dwarfstar.model.reference import ReferenceModel
 from dwarfstar.model.weights import Weights
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# Default prefill chunk of the reference backend (tokens).
+PREFILL_CHUNK = 512
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,9 @@ class EngineOptions:
     threads: int = 0
     # Activation and decode-state dtype of the reference path.
     dtype: str = "float32"
-    prefill_chunk: int = 512
+    # Tokens per prefill chunk; None = the backend's default (PREFILL_CHUNK below, or
+    # cuda_engine.PREFILL_CHUNK: larger GEMMs amortise the per-layer weight dequantisation).
+    prefill_chunk: int | None = None
     mtp: str | None = None
     # Backend "cuda" only: no file, random valid Flash-shaped weights made on the GPU
     # (benchmarks): expert types "q2" | "q4", the first `dummy_layers` layers (None = all).
@@ -82,7 +86,7 @@ class Engine:
         return cls(options, gguf_file, config, tokenizer, model, mtp)
 
     def new_session(self, ctx: int | None = None) -> Session:
-        return Session(self.model, ctx or self.options.ctx, self.options.prefill_chunk)
+        return Session(self.model, ctx or self.options.ctx, self.options.prefill_chunk or PREFILL_CHUNK)
 
 
 def _load_mtp(path: str, config, model: ReferenceModel):
