@@ -10,9 +10,12 @@ Contract (graph-safe: device token, preallocated-free apart from the two small o
   rounding.stable_topk); wts = s[ids] / max(sum, ROUTE_SUM_FLOOR) (if norm_topk) * route_scale.
   About 20 torch launches in forward.route, one here.
 - `route_ref`: the twin, torch ops (what forward.route computes for one token).
-The kernel's softplus is max(x, 0) + log1p(exp(-|x|)) with log1p by Goldberg's
-log(u) * t / (u - 1) (a few ulp, as torch's); differences from the twin are fp32 order and
-those ulp, which can flip a selection only between experts whose biased scores are that close.
+Scores: on CUDA libdevice's log1pf(expf(x)) below torch's threshold of 20 (x above), the
+calls torch's CUDA softplus makes, so the scores should be torch's bit for bit (a GPU test
+checks it); the interpreter has no libdevice and uses max(x, 0) + log1p(exp(-|x|)), log1p
+by Goldberg's log(u) * t / (u - 1) (a few ulp). Selection: one int64 max per round over
+rounding.stable_topk's keys (exact, ties -> lower id), in one warp. Differences from the
+twin: the K-sum order of the renormalisation (and the interpreter's score ulp).
 """
 
 from __future__ import annotations
@@ -21,41 +24,59 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from dwarfstar.kernels.rounding import stable_topk
 from dwarfstar.model.moe import ROUTE_SUM_FLOOR
 
+# One warp: E = 256 scores are 8 per lane and every reduction of the top-k loop stays
+# inside the warp (shuffles; no shared-memory scratch reused across the K rounds).
+ROUTE_WARPS = 1
+# Below every key of a float (the smallest is -inf's, about -2**63 + 2**55).
+_NO_KEY = tl.constexpr(-(2**63 - 1))
+
 
 @triton.jit
-def _score(x):
-    t = tl.exp(-tl.abs(x))
-    u = 1.0 + t
-    l1p = tl.where(u == 1.0, t, tl.log(u) * (t / tl.where(u == 1.0, 1.0, u - 1.0)))
-    sp = tl.where(x > 20.0, x, tl.maximum(x, 0.0) + l1p)
+def _score(x, LIBDEVICE: tl.constexpr):
+    """sqrt(softplus(x)), softplus with torch's threshold: x above 20, else log(1 + e^x)."""
+    if LIBDEVICE:
+        # torch's CUDA softplus is log1pf(expf(x)) of the CUDA math library: the same functions.
+        sp = tl.where(x > 20.0, x, libdevice.log1p(libdevice.exp(x)))
+    else:
+        # The interpreter has no libdevice: max(x, 0) + log1p(e^-|x|), log1p by Goldberg.
+        t = tl.exp(-tl.abs(x))
+        u = 1.0 + t
+        l1p = tl.where(u == 1.0, t, tl.log(u) * (t / tl.where(u == 1.0, 1.0, u - 1.0)))
+        sp = tl.where(x > 20.0, x, tl.maximum(x, 0.0) + l1p)
     return tl.sqrt_rn(sp)
 
 
 @triton.jit
 def _route_kernel(x_ptr, tok_ptr, bias_ptr, tid_ptr, ids_ptr, wts_ptr, E, route_scale, floor,
-                  K: tl.constexpr, KB: tl.constexpr, BLOCK: tl.constexpr, HASH: tl.constexpr, NORM: tl.constexpr):
+                  K: tl.constexpr, KB: tl.constexpr, BLOCK: tl.constexpr, HASH: tl.constexpr, NORM: tl.constexpr,
+                  LIBDEVICE: tl.constexpr):
     e = tl.arange(0, BLOCK)
     em = e < E
     kk = tl.arange(0, KB)
     km = kk < K
     if HASH:
-        tok = tl.load(tok_ptr)
+        tok = tl.load(tok_ptr).to(tl.int64)
         sel = tl.load(tid_ptr + tok * K + kk, mask=km, other=0).to(tl.int32)
     else:
-        s = _score(tl.load(x_ptr + e, mask=em, other=0.0))
-        v = tl.where(em, s + tl.load(bias_ptr + e, mask=em, other=0.0), float("-inf"))
+        s = _score(tl.load(x_ptr + e, mask=em, other=0.0), LIBDEVICE)
+        v = s + tl.load(bias_ptr + e, mask=em, other=0.0)
+        # rounding.stable_topk's keys: the float's bits made monotone (-0.0 -> +0.0 first), then
+        # the reversed index below them, so one int64 max picks the largest value, ties -> lower id.
+        bits = (v + 0.0).to(tl.int32, bitcast=True)
+        ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+        key = tl.where(em, ordered * 4294967296 + (E - 1 - e), _NO_KEY)
         sel = tl.zeros([KB], tl.int32)
         for k in tl.static_range(K):
-            best = tl.max(v, axis=0)
-            idx = tl.min(tl.where(v == best, e, BLOCK), axis=0)
+            best = tl.max(key, axis=0)
+            idx = (E - 1 - (best - (best >> 32) * 4294967296)).to(tl.int32)     # low word
             sel = tl.where(kk == k, idx, sel)
-            v = tl.where(e == idx, float("-inf"), v)
-    w = _score(tl.load(x_ptr + sel, mask=km, other=0.0))
-    w = tl.where(km, w, 0.0)
+            key = tl.where(e == idx, _NO_KEY, key)
+    w = tl.where(km, _score(tl.load(x_ptr + sel, mask=km, other=0.0), LIBDEVICE), 0.0)
     if NORM:
         w = w / tl.maximum(tl.sum(w, axis=0), floor)
     tl.store(ids_ptr + kk, sel, mask=km)
@@ -75,7 +96,8 @@ def route(logits, token, bias, tid2eid, k: int, norm_topk: bool, route_scale: fl
     wts = torch.empty(1, k, dtype=torch.float32, device=logits.device)
     _route_kernel[(1,)](logits, token, logits if is_hash else bias, tid2eid if is_hash else token, ids, wts, e,
                         route_scale, ROUTE_SUM_FLOOR, K=k, KB=triton.next_power_of_2(k),
-                        BLOCK=triton.next_power_of_2(e), HASH=is_hash, NORM=norm_topk, num_warps=4)
+                        BLOCK=triton.next_power_of_2(e), HASH=is_hash, NORM=norm_topk,
+                        LIBDEVICE=logits.is_cuda, num_warps=ROUTE_WARPS)
     return ids, wts
 
 
