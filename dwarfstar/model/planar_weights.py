@@ -34,7 +34,7 @@ from dwarfstar.model.weights import Weights, check_shapes
 from dwarfstar.shape import ModelConfig
 
 # Elements up to which a tensor is dequantised once and kept (4 MiB as fp32): on Flash this
-# keeps ~0.3 GiB (norms, HC mixes, router, compressor APE) and dequantises every matrix per use.
+# keeps ~0.5 GiB (norms, HC mixes, router, compressor APE) and dequantises every matrix per use.
 PLANAR_CACHE_LIMIT = 1 << 20
 
 
