@@ -152,27 +152,42 @@ def index_round(x: torch.Tensor, h: torch.Tensor, fp4: bool, half: bool) -> torc
     return y
 
 
-# ---- indexer scores over the whole row capacity in one launch ----------------------------
+# ---- indexer scores over the row capacity in one launch --------------------------------
 # `index_scores(q, wts, rows, pos, r, denom)`: q float32 [H_I, d_I] (rounded query heads),
 # wts [H_I] (the weights projection), rows [cap, d_I], pos int64 [1] -> float32 [1, cap]:
 # sum_h wts[h] / denom * relu(q[h] . rows[c]) for the visible rows c < (pos + 1) // r, -inf
 # for the rest; the forward's einsum / relu / einsum / masked_fill (fp32 order differs).
+# The grid is fixed by cap (graph capture), one small block of rows per program so that a
+# short context still spreads over the SMs; a block wholly past the visible count (read on
+# the device) only stores -inf, so the cost follows the filled rows, not the allocation.
+# The heads go through the ieee dot (no tf32) in chunks, which keeps the program in
+# registers (one [d_I, rows] tile and a [heads, d_I] chunk, ~36 registers at d_I = 128).
+
+INDEX_SCORE_ROWS = 16
+INDEX_SCORE_HEADS = 16
+
 
 @triton.jit
 def _index_score_kernel(q_ptr, w_ptr, rows_ptr, pos_ptr, out_ptr, CAP, H, denom, R: tl.constexpr,
-                        HB: tl.constexpr, D: tl.constexpr, BC: tl.constexpr):
-    c = tl.program_id(0) * BC + tl.arange(0, BC)
-    cm = c < CAP
-    hh = tl.arange(0, HB)
-    hm = hh < H
-    d = tl.arange(0, D)
-    q = tl.load(q_ptr + hh[:, None] * D + d[None, :], mask=hm[:, None], other=0.0)                  # [HB, D]
-    k = tl.load(rows_ptr + c.to(tl.int64)[None, :] * D + d[:, None], mask=cm[None, :], other=0.0)   # [D, BC]
-    s = tl.maximum(tl.dot(q, k, input_precision="ieee"), 0.0)                                      # [HB, BC]
-    w = tl.load(w_ptr + hh, mask=hm, other=0.0) / denom
-    sc = tl.sum(w[:, None] * s, axis=0)
+                        HC: tl.constexpr, D: tl.constexpr, BC: tl.constexpr):
+    c0 = tl.program_id(0) * BC
+    c = c0 + tl.arange(0, BC)
     n_vis = (tl.load(pos_ptr) + 1) // R
-    tl.store(out_ptr + c, tl.where(c < n_vis, sc, float("-inf")), mask=cm)
+    if c0 < n_vis:
+        vis = c < n_vis
+        d = tl.arange(0, D)
+        k = tl.load(rows_ptr + c.to(tl.int64)[None, :] * D + d[:, None], mask=vis[None, :], other=0.0)  # [D, BC]
+        sc = tl.zeros([BC], dtype=tl.float32)
+        for h0 in range(0, H, HC):
+            hh = h0 + tl.arange(0, HC)
+            hm = hh < H
+            q = tl.load(q_ptr + hh[:, None] * D + d[None, :], mask=hm[:, None], other=0.0)            # [HC, D]
+            s = tl.maximum(tl.dot(q, k, input_precision="ieee"), 0.0)                                # [HC, BC]
+            w = tl.load(w_ptr + hh, mask=hm, other=0.0) / denom
+            sc += tl.sum(w[:, None] * s, axis=0)
+        tl.store(out_ptr + c, tl.where(vis, sc, float("-inf")), mask=c < CAP)
+    else:
+        tl.store(out_ptr + c, tl.full([BC], float("-inf"), tl.float32), mask=c < CAP)
 
 
 def index_scores(q, wts, rows, pos, r: int, denom: float) -> torch.Tensor:
@@ -180,9 +195,9 @@ def index_scores(q, wts, rows, pos, r: int, denom: float) -> torch.Tensor:
     cap = rows.shape[0]
     for t in (q, wts, rows):
         assert t.dtype == torch.float32 and t.is_contiguous()
-    assert rows.shape[1] == d and wts.numel() == n_h and d & (d - 1) == 0 and pos.dtype == torch.int64
+    assert rows.shape[1] == d and wts.numel() == n_h and d & (d - 1) == 0 and d >= 16 and pos.dtype == torch.int64
     out = torch.empty(1, cap, dtype=torch.float32, device=q.device)
-    bc = 64
-    _index_score_kernel[(triton.cdiv(cap, bc),)](q, wts, rows, pos, out, cap, n_h, denom, R=r,
-                                                 HB=max(16, triton.next_power_of_2(n_h)), D=d, BC=bc, num_warps=4)
+    _index_score_kernel[(triton.cdiv(cap, INDEX_SCORE_ROWS),)](q, wts, rows, pos, out, cap, n_h, denom, R=r,
+                                                               HC=INDEX_SCORE_HEADS, D=d, BC=INDEX_SCORE_ROWS,
+                                                               num_warps=4)
     return out

@@ -35,18 +35,36 @@ def test_index_round_hadamard_matches_reference(shape):
     assert diff.max().item() <= want.abs().max().item() / 3
 
 
-@pytest.mark.parametrize("n_h,cap,pos", [(4, 10, 27), (64, 150, 401), (16, 70, 2)])
-def test_index_scores_match_torch(n_h, cap, pos):
-    g = torch.Generator().manual_seed(cap)
+def check_index_scores(n_h, cap, pos, dev, seed):
+    g = torch.Generator().manual_seed(seed)
     q = torch.randn(n_h, 128, generator=g)
     rows = torch.randn(cap, 128, generator=g)
     wts = torch.randn(n_h, generator=g)
     denom = (128 * n_h) ** 0.5
-    got = index_scores(q.to(DEV), wts.to(DEV), rows.to(DEV), torch.tensor([pos], device=DEV), 4, denom).cpu()
-    want = torch.einsum("h,hc->c", wts / denom, torch.relu(q @ rows.T))[None]
-    visible = torch.arange(cap)[None] < (pos + 1) // 4
-    want = want.masked_fill(~visible, float("-inf"))
-    assert torch.equal(torch.isinf(got), ~visible)
+    n_vis = min(cap, (pos + 1) // 4)
+    # Rows past the visible count are not written yet (NaN-poisoned here): still -inf.
+    rows[n_vis:] = float("nan")
+    got = index_scores(q.to(dev), wts.to(dev), rows.to(dev), torch.tensor([pos], device=dev), 4, denom).cpu()
+    assert got.shape == (1, cap) and got.dtype == torch.float32
+    q64, rows64 = q.double(), rows[:n_vis].double()
+    want = torch.einsum("h,hc->c", wts.double() / denom, torch.relu(q64 @ rows64.T))
+    visible = torch.arange(cap) < n_vis
+    assert torch.equal(torch.isneginf(got[0]), ~visible)
     # fp32 order over 128 products and the head sum: relative to the score scale.
-    if visible.any():
-        assert (got[visible] - want[visible]).abs().max().item() <= 1e-5 * want[visible].abs().max().item()
+    if n_vis:
+        err = (got[0, :n_vis].double() - want).abs().max().item()
+        assert err <= 1e-5 * want.abs().max().item()
+
+
+# Blocks of 16 rows: caps off the block, a partly visible block, all / no rows visible.
+@pytest.mark.parametrize("n_h,cap,pos", [(4, 10, 27), (64, 150, 401), (16, 70, 2), (16, 200, 600),
+                                         (4, 1001, 45), (16, 37, 150), (64, 1000, 515)])
+def test_index_scores_match_torch(n_h, cap, pos):
+    check_index_scores(n_h, cap, pos, DEV, seed=cap)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cap,pos", [(32768, 2047), (32768, 131071), (32768, 0), (512, 2047), (8192, 20000)])
+def test_index_scores_flash_shapes_gpu(cap, pos):
+    """Flash: 64 indexer heads of 128, the ratio-4 rows of a 2K / 32K / 131K allocation."""
+    check_index_scores(64, cap, pos, "cuda", seed=pos)
