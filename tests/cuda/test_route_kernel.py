@@ -134,3 +134,41 @@ def test_route_in_cuda_graph_follows_device_token():
         for (ids, wts), b in ((out_b, bias), (out_h, None)):
             ids_t, wts_t = route_ref(logits, token, b, tid2eid, K, True, FLASH.route_scale)
             assert torch.equal(ids, ids_t) and _close(wts, wts_t), (step, b is None)
+
+
+@pytest.mark.gpu
+def test_route_kernel_equals_torch_route_in_decode_graph():
+    """In the model's captured decode step (4-layer Flash, dummy weights): the kernel next to
+    forward.route in every layer, on the same gate logits; device counters of disagreements
+    (ids, or weights past 1e-6 relative) are read after the replays. If this passes while
+    test_cuda_gpu's route part fails, the cause lies outside the routing outputs."""
+    from dwarfstar.engine.cuda_engine import CudaEngine, flash_config
+    from dwarfstar.engine.engine import EngineOptions
+    from dwarfstar.kernels.rounding import stable_topk
+
+    engine = CudaEngine.dummy(flash_config(4), EngineOptions(backend="cuda", ctx=512))
+    model, c = engine.model, engine.config
+    count = torch.zeros(3, dtype=torch.int64, device=DEV)               # calls, id and weight disagreements
+    step = model.moe_step
+
+    def moe_step(x, tokens, layer):
+        w = layer.w
+        logits = model.proj(w["gate"], x)
+        ids, wts = route(logits, tokens, None if layer.is_hash else w["gate_bias"], w.get("tid2eid"),
+                         c.n_activated_experts, c.norm_topk_prob, c.route_scale)
+        sel, wts_t = model.route(x, tokens, layer, stable_topk)
+        count.add_(torch.stack([torch.ones((), dtype=torch.int64, device=DEV), (ids != sel).any().long(),
+                                ((wts - wts_t).abs() > 1e-6 * wts_t.abs()).any().long()]))
+        return step(x, tokens, layer)
+
+    model.moe_step = moe_step
+    try:
+        session = engine.new_session()
+        session.sync(torch.randint(0, V, (64,), generator=torch.Generator().manual_seed(0)).tolist())
+        for _ in range(32):
+            session.eval(int(session.logits().argmax()))
+    finally:
+        del model.moe_step
+    calls, bad_ids, bad_wts = count.tolist()
+    assert calls == c.n_layers * (1 + 32)           # the capture's warm-up step, then 32 replays
+    assert bad_ids == 0 and bad_wts == 0, (bad_ids, bad_wts)
