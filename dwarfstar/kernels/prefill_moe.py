@@ -42,12 +42,20 @@ MAX_ROWS = 16384
 GEMM_DTYPE = torch.float16
 
 
+# F16 weights up to this many elements keep float32 GEMMs on CUDA (see gemm_dtype).
+F32_MAX_ELEMENTS = 1 << 20
+
+
 def gemm_dtype(w: Planar, device: torch.device) -> torch.dtype:
-    """GEMM_DTYPE for quantised weights on CUDA (their quantisation error, >= 2**-9 relative,
-    dwarfs fp16's 2**-12); float32 for F16 weights (router, HC mixes, compressor and indexer:
-    the checkpoint keeps them unquantised and the router's top-k is discrete; ~16 % of the
-    dense multiply-adds) and on CPUs (the CPU tests compare prefill with decode tightly)."""
-    if torch.device(device).type != "cuda" or isinstance(w, PlanarF16):
+    """GEMM_DTYPE on CUDA, except float32 for the small F16 weights (Flash: router 256 x 4096,
+    HC mixes 24 x 16384, indexer head weights 64 x 4096, indexer compressor 256 x 4096): the
+    router's top-k is a discrete choice and the HC weights mix the whole residual, while they
+    are ~2 % of a token's dense multiply-adds. The other weights' quantisation error (Q8_0:
+    >= 2**-9 relative) or downstream FP8/FP4 rounding (compressor, indexer q) dwarfs fp16's
+    2**-12. CPUs: float32 (the CPU tests compare prefill with decode tightly)."""
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    if isinstance(w, PlanarF16) and w.w.numel() <= F32_MAX_ELEMENTS:
         return torch.float32
     return GEMM_DTYPE
 

@@ -84,3 +84,16 @@ def test_fp16_grouped_matches_decode_kernels_flash(experts, tol):
     err = _rel(got, want)
     print(f"{experts}: grouped fp16 vs decode kernels rel L2 {err:.3g}")
     assert err <= tol("prefill_moe_fp16")
+
+
+def test_gemm_dtype_policy():
+    from dwarfstar.kernels.prefill_moe import GEMM_DTYPE, gemm_dtype
+    from dwarfstar.kernels.repack import PlanarF16, PlanarQ8_0
+
+    router = PlanarF16(torch.zeros(256, 4096, dtype=torch.float16))
+    indexer_q_b = PlanarF16(torch.zeros(8192, 1024, dtype=torch.float16))
+    q8 = PlanarQ8_0(torch.zeros(64, 64, dtype=torch.int8), torch.zeros(64, 2, dtype=torch.float16))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert gemm_dtype(router, cuda) == torch.float32
+    assert gemm_dtype(indexer_q_b, cuda) == GEMM_DTYPE and gemm_dtype(q8, cuda) == GEMM_DTYPE
+    assert {gemm_dtype(w, cpu) for w in (router, indexer_q_b, q8)} == {torch.float32}
