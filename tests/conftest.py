@@ -60,6 +60,10 @@ TOLERANCES = {
     "moe_layer_int8": (2e-3, "one routed-MoE call, int8 twins vs int8_oracle: same rounding points, "
                        "an fp32-vs-float64 difference can move one int8 code of the down input by "
                        "one step (measured 5e-4 relative L2)"),
+    "attend_decode": (2e-6, "kernels/attend.py vs its twin in float64 (relative L2 and max abs over the "
+                      "max): fp32 order of the D-term dots, of the split softmax sums and the exp; "
+                      "measured 1.5e-7 (tiny) and 3.8e-7 (Flash shapes, interpreter), the fp32 twin "
+                      "itself 3e-7 / 6.6e-7"),
     "prefill_moe_fp32": (1e-6, "kernels/prefill_moe.py in float32 vs forward.py's per-expert loop: the same "
                          "function, only fp32 summation order differs (batched vs single matmuls, "
                          "index_add order); measured 3.5e-8..3.9e-8 relative L2 on the tiny model"),

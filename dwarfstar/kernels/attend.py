@@ -1,0 +1,174 @@
+"""Sparse decode attention in two launches: raw window + compressed rows, with sinks (model.md §2.3).
+
+Dims: H heads, D head dim, W raw window (ring slots), N compressed rows held, M rows attended
+(k selected by index, or all N), J = W + 1 + M keys, B = ceil(J / BLOCK_N) key blocks.
+
+Contract (graph-safe: device positions, grid fixed by the allocated W, M, H; no host sync):
+- `attend_decode(q, raw, ring_pos, kv, pos, comp, comp_idx, ratio, sinks) -> o float32 [H, D]`
+  for one decode token at `pos` (int64 [1]): q float32 [H, D]; raw float32 [W, D] the ring
+  as held before this token, ring_pos int64 [W] the position each slot holds (-1: empty);
+  kv float32 [1, D] this token's row; comp float32 [N, D] or None (no compressor);
+  comp_idx int64 [k] rows of comp to attend, or None for all N; ratio the layer's
+  compression ratio; sinks float32 [H].
+  Keys, which double as values: ring slot j iff pos - W < ring_pos[j] <= pos (ring_pos >= 0);
+  this token's row always; compressed row c (comp_idx[i], or i) iff c < (pos + 1) // ratio,
+  the rows emitted so far (so the selection may hold invisible rows when fewer than k are
+  visible, as the indexer's top-k over -inf scores does). logits = q.k / sqrt(D); one softmax
+  over the visible keys plus a per-head sink logit that carries no value (model/attention._attend).
+- Side effect, the ring write of this token: raw[pos % W] = kv. That slot holds position
+  pos - W or nothing, never a visible key; the kernel also masks it out explicitly, so no
+  program reads the slot that program (0, 0) writes.
+Flash-decoding: program (b, g) takes key block b for head block g, computes the logits
+[BLOCK_H, BLOCK_N] with an ieee fp32 `tl.dot` over D, the block's max m, sum l of
+exp(logit - m) and the partial value sum [BLOCK_H, D]; the combine kernel (one program per
+head and D block) rescales the B partials to the common max, which includes the sink, and
+adds exp(sink - max) to the denominator only. The twin `attend_decode_ref` builds the keys
+and calls _attend as forward.py did; the kernel differs from it by fp32 order only (sum
+order of the dots and of the softmax, the exp implementation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from dwarfstar.model.attention import _attend
+
+BLOCK_N = 32      # keys per program
+BLOCK_H = 16      # heads per program (tl.dot needs >= 16)
+BLOCK_D = 64      # head-dim chunk of the dots
+COMBINE_D = 128   # head-dim chunk of a combine program
+NUM_WARPS = 4
+
+
+def attend_decode_ref(q, raw, ring_pos, kv, pos, comp, comp_idx, ratio, sinks) -> torch.Tensor:
+    """Twin: the keys and mask built with torch ops, then model/attention._attend."""
+    w = raw.shape[0]
+    slot = pos % w
+    seen = (ring_pos >= 0) & (ring_pos > pos - w) & (ring_pos <= pos)
+    seen &= torch.arange(w, device=raw.device) != slot
+    keys, mask = [raw, kv], [seen, torch.ones(1, dtype=torch.bool, device=raw.device)]
+    if comp is not None:
+        rows = torch.arange(comp.shape[0], device=comp.device) if comp_idx is None else comp_idx
+        keys.append(comp.index_select(0, rows))
+        mask.append(rows < (pos + 1) // ratio)
+    o = _attend(q[None], torch.cat(keys), torch.cat(mask)[None], sinks)[0]   # [H, D]
+    raw.index_copy_(0, slot, kv)
+    return o
+
+
+@triton.jit
+def _key_tile(raw_ptr, kv_ptr, comp_ptr, j, row, seen_raw, is_cur, seen_comp, dd, D, HAS_COMP: tl.constexpr):
+    """Key rows [BLOCK_N, BLOCK_D] at head-dim offsets dd; zero where the key is not visible."""
+    k = tl.load(raw_ptr + j[:, None] * D + dd[None, :], mask=seen_raw[:, None], other=0.0)
+    k += tl.load(kv_ptr + 0 * j[:, None] + dd[None, :], mask=is_cur[:, None], other=0.0)
+    if HAS_COMP:
+        k += tl.load(comp_ptr + row[:, None] * D + dd[None, :], mask=seen_comp[:, None], other=0.0)
+    return k
+
+
+@triton.jit
+def _attend_partial_kernel(q_ptr, raw_ptr, ring_pos_ptr, kv_ptr, pos_ptr, comp_ptr, idx_ptr,
+                           m_ptr, l_ptr, o_ptr, ratio, H, D, W, M, sqrt_d,
+                           HAS_COMP: tl.constexpr, HAS_IDX: tl.constexpr,
+                           BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    pos = tl.load(pos_ptr)
+    slot = pos % W
+    heads = g * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = heads < H
+    # Key index: 0..W-1 ring slots, W this token's row, W+1.. the compressed rows.
+    j = b * BLOCK_N + tl.arange(0, BLOCK_N)
+    is_raw = j < W
+    rp = tl.load(ring_pos_ptr + j, mask=is_raw, other=-1)
+    seen_raw = is_raw & (rp >= 0) & (rp > pos - W) & (rp <= pos) & (j != slot)
+    is_cur = j == W
+    ci = j - (W + 1)
+    row = ci.to(tl.int64)
+    seen_comp = j < 0
+    if HAS_COMP:
+        is_comp = (ci >= 0) & (ci < M)
+        if HAS_IDX:
+            row = tl.load(idx_ptr + ci, mask=is_comp, other=0)
+        seen_comp = is_comp & (row < (pos + 1) // ratio)
+    seen = seen_raw | is_cur | seen_comp
+    jr = j.to(tl.int64)
+
+    acc = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        qt = tl.load(q_ptr + heads[:, None] * D + dd[None, :], mask=h_ok[:, None], other=0.0)
+        kt = _key_tile(raw_ptr, kv_ptr, comp_ptr, jr, row, seen_raw, is_cur, seen_comp, dd, D, HAS_COMP)
+        acc = tl.dot(qt, tl.trans(kt), acc, input_precision="ieee")
+    logits = tl.where(seen[None, :], tl.div_rn(acc, sqrt_d), float("-inf"))
+    m = tl.max(logits, axis=1)                                                  # [BLOCK_H]
+    # A block with no visible key: m = -inf, p = 0, l = 0 (the combine weighs it by 0).
+    p = tl.exp(logits - tl.where(m == float("-inf"), 0.0, m)[:, None])
+    tl.store(m_ptr + b * H + heads, m, mask=h_ok)
+    tl.store(l_ptr + b * H + heads, tl.sum(p, axis=1), mask=h_ok)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        kt = _key_tile(raw_ptr, kv_ptr, comp_ptr, jr, row, seen_raw, is_cur, seen_comp, dd, D, HAS_COMP)
+        o = tl.dot(p, kt, input_precision="ieee")                                # [BLOCK_H, BLOCK_D]
+        tl.store(o_ptr + (b * H + heads)[:, None] * D + dd[None, :], o, mask=h_ok[:, None])
+    # The ring write; no program loads slot `slot` (masked above).
+    if (b == 0) & (g == 0):
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            tl.store(raw_ptr + slot * D + dd, tl.load(kv_ptr + dd))
+
+
+@triton.jit
+def _attend_combine_kernel(m_ptr, l_ptr, o_ptr, sinks_ptr, out_ptr, H, D, NB,
+                           NB_P2: tl.constexpr, BLOCK_D: tl.constexpr):
+    h = tl.program_id(0)
+    dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    blk = tl.arange(0, NB_P2)
+    ok = blk < NB
+    m = tl.load(m_ptr + blk * H + h, mask=ok, other=float("-inf"))
+    l = tl.load(l_ptr + blk * H + h, mask=ok, other=0.0)
+    sink = tl.load(sinks_ptr + h)
+    # This token's row is always visible, so mx is finite; blocks with m = -inf weigh 0.
+    mx = tl.maximum(tl.max(m, axis=0), sink)
+    scale = tl.exp(m - mx)
+    den = tl.sum(l * scale, axis=0) + tl.exp(sink - mx)
+    o = tl.load(o_ptr + (blk * H + h)[:, None] * D + dd[None, :], mask=ok[:, None], other=0.0)
+    tl.store(out_ptr + h * D + dd, tl.div_rn(tl.sum(o * scale[:, None], axis=0), den))
+
+
+def attend_decode(q, raw, ring_pos, kv, pos, comp, comp_idx, ratio, sinks) -> torch.Tensor:
+    n_heads, d = q.shape
+    w = raw.shape[0]
+    for name, t in (("q", q), ("raw", raw), ("kv", kv), ("sinks", sinks), ("comp", comp)):
+        assert t is None or (t.dtype == torch.float32 and t.is_contiguous()), f"{name}: contiguous float32"
+    assert raw.shape == (w, d) and kv.shape == (1, d) and sinks.shape == (n_heads,)
+    assert ring_pos.dtype == torch.int64 and ring_pos.shape == (w,) and ring_pos.is_contiguous()
+    assert pos.dtype == torch.int64 and pos.shape == (1,)
+    block_d = min(BLOCK_D, d)
+    assert d % block_d == 0 and d % min(COMBINE_D, d) == 0, "head dim: a multiple of the D blocks"
+    has_comp = comp is not None
+    has_idx = has_comp and comp_idx is not None
+    if has_comp:
+        assert comp.shape[1] == d and ratio > 0
+    if has_idx:
+        assert comp_idx.dtype == torch.int64 and comp_idx.dim() == 1 and comp_idx.is_contiguous()
+    n_rows = (comp_idx.shape[0] if has_idx else comp.shape[0]) if has_comp else 0
+    n_blocks = triton.cdiv(w + 1 + n_rows, BLOCK_N)
+    m = torch.empty(n_blocks, n_heads, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    part = torch.empty(n_blocks, n_heads, d, dtype=torch.float32, device=q.device)
+    out = torch.empty(n_heads, d, dtype=torch.float32, device=q.device)
+    _attend_partial_kernel[(n_blocks, triton.cdiv(n_heads, BLOCK_H))](
+        q, raw, ring_pos, kv, pos, comp if has_comp else raw, comp_idx if has_idx else ring_pos,
+        m, l, part, max(ratio, 1), n_heads, d, w, n_rows, math.sqrt(d),
+        HAS_COMP=has_comp, HAS_IDX=has_idx, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+        num_warps=NUM_WARPS)
+    combine_d = min(COMBINE_D, d)
+    _attend_combine_kernel[(n_heads, d // combine_d)](m, l, part, sinks, out, n_heads, d, n_blocks,
+                                                      NB_P2=triton.next_power_of_2(n_blocks),
+                                                      BLOCK_D=combine_d, num_warps=NUM_WARPS)
+    return out

@@ -1,0 +1,85 @@
+"""kernels/attend.py (Triton; the CPU interpreter without a GPU) vs its twin in float64.
+
+The twin builds the keys and mask as forward.py's torch path did and calls
+model/attention._attend; run in float64 it is the oracle for both the kernel and the fp32 twin.
+"""
+
+import pytest
+import torch
+
+from dwarfstar.kernels.attend import attend_decode, attend_decode_ref
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _ring(pos: int, w: int) -> torch.Tensor:
+    """ring_pos as the decode state holds it before position pos: slot p % w = the last p < pos."""
+    ring = torch.full((w,), -1, dtype=torch.int64)
+    for p in range(max(0, pos - w), pos):
+        ring[p % w] = p
+    return ring
+
+
+def _case(h, d, w, pos, n, idx, ratio, seed):
+    g = torch.Generator().manual_seed(seed)
+    ring = _ring(pos, w)
+    raw = torch.randn(w, d, generator=g)
+    raw[ring < 0] = 0.0
+    t = dict(q=torch.randn(h, d, generator=g) * 2, raw=raw, ring_pos=ring, kv=torch.randn(1, d, generator=g),
+             pos=torch.tensor([pos]), comp=torch.randn(n, d, generator=g) if n else None,
+             comp_idx=None if idx is None else torch.tensor(idx, dtype=torch.int64),
+             ratio=ratio, sinks=torch.randn(h, generator=g))
+    return {k: v.to(DEV) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+
+
+def _check(case, bound):
+    raw_before = case["raw"].clone()
+    want_case = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                 for k, v in case.items()}
+    want_case["raw"] = raw_before.double()
+    want = attend_decode_ref(**want_case)
+    twin_case = dict(case, raw=raw_before.clone())
+    twin = attend_decode_ref(**twin_case)
+    got = attend_decode(**case)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    err = ((got.double() - want).norm() / want.norm()).item()
+    twin_err = ((twin.double() - want).norm() / want.norm()).item()
+    assert err <= bound, (err, twin_err)
+    assert (got.double() - want).abs().max().item() <= bound * want.abs().max().item()
+    # The ring write: this token's row into slot pos % W, every other slot untouched.
+    assert torch.equal(case["raw"], twin_case["raw"])
+    slot = int(case["pos"]) % raw_before.shape[0]
+    assert torch.equal(case["raw"][slot], case["kv"][0])
+    return err, twin_err
+
+
+# (pos, N, comp_idx, ratio): ring filling (slots -1), ring wrapped, ratio-4 selection with
+# invisible rows, all rows of a ratio-128-like layer, a key block with no visible key.
+CASES = {
+    "ring_filling_no_comp": (3, 0, None, 0),
+    "wrapped_no_comp": (21, 0, None, 0),
+    "wrapped_selected": (21, 12, [3, 7, 0, 11, 4], 4),
+    "filling_selected_none_visible": (2, 12, [0, 1, 2, 3, 4], 4),
+    "all_rows": (13, 12, None, 2),
+    "empty_block": (10, 80, [0, 1] + list(range(40, 78)), 4),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_attend_decode_matches_twin(name, tol):
+    pos, n, idx, ratio = CASES[name]
+    _check(_case(4, 64, 8, pos, n, idx, ratio, seed=pos + n), tol("attend_decode"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ratio,ctx,pos", [(0, 32768, 30000), (4, 32768, 30000), (4, 32768, 300),
+                                           (128, 131072, 100000), (128, 32768, 61)])
+def test_attend_decode_flash_shapes(ratio, ctx, pos, tol):
+    """Flash: H = 64, D = 512, W = 128; ratio 4 attends the indexer's top 512 of cap rows,
+    ratio 128 all cap rows (cap = ctx / r + 2)."""
+    cap = ctx // ratio + 2 if ratio else 0
+    idx = None
+    if ratio == 4:
+        g = torch.Generator().manual_seed(pos)
+        idx = torch.randperm(cap, generator=g)[:512].tolist()
+    _check(_case(64, 512, 128, pos, cap, idx, ratio, seed=ratio + pos), tol("attend_decode"))
