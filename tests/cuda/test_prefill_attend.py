@@ -61,12 +61,36 @@ def test_fp16_blocks_flash_shapes(tol):
     w = FLASH.window_size
     torch.set_default_device("cuda")
     try:
-        case = _case(2048, 1024, 4096, torch.Generator(device="cuda").manual_seed(1), FLASH.n_heads,
-                     FLASH.head_dim, w)
+        case = list(_case(2048, 1024, 4096, torch.Generator(device="cuda").manual_seed(1), FLASH.n_heads,
+                          FLASH.head_dim, w))
         want = _full(*case, w=w)
         got = attend_chunk(*case, w, torch.float16)
+        # Ratio 4: at most 512 chosen rows per query, gathered per query (comp_k).
+        top = torch.rand(2048, 1024, generator=torch.Generator(device="cuda").manual_seed(2)).topk(512, 1).indices
+        case[6] = case[6] & torch.zeros(2048, 1024, dtype=torch.bool).scatter_(1, top, True)
+        want_sparse = _full(*case, w=w)
+        got_sparse = attend_chunk(*case, w, torch.float16, comp_k=512)
     finally:
         torch.set_default_device(None)
-    err = ((got - want).norm() / want.norm()).item()
-    print(f"fp16 chunk attention vs fp32 reference: rel L2 {err:.3g}")
-    assert err <= tol("prefill_attend_fp16")
+    for name, a, b in (("dense", got, want), ("per-query rows", got_sparse, want_sparse)):
+        err = ((a - b).norm() / b.norm()).item()
+        print(f"fp16 chunk attention ({name}) vs fp32 reference: rel L2 {err:.3g}")
+        assert err <= tol("prefill_attend_fp16")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sparse_compressed_rows_match_full_attention(dtype, tol, single_thread):
+    """comp_k: each query keeps at most comp_k compressed rows (as the indexer's top-k mask)."""
+    gen = torch.Generator().manual_seed(3)
+    t, n_comp, k = 30, 20, 5
+    case = list(_case(t, n_comp, 40, gen))
+    # At most k true per row, some rows with fewer (early queries see few rows).
+    score = torch.rand(t, n_comp, generator=gen)
+    top = score.topk(k, 1).indices
+    chosen = torch.zeros(t, n_comp, dtype=torch.bool).scatter_(1, top, True)
+    visible = torch.arange(n_comp)[None, :] < torch.arange(t)[:, None] // 2
+    case[6] = chosen & visible
+    want = _full(*case)
+    got = attend_chunk(*case, W, dtype, max_bytes=16 * H * 4 * (2 * W + 4 + k), comp_k=k)
+    name = "prefill_attend_fp32" if dtype == torch.float32 else "prefill_attend_fp16"
+    assert ((got - want).norm() / want.norm()).item() <= tol(name)
