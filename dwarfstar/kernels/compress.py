@@ -12,9 +12,11 @@ Contract (graph-safe: device positions, no allocation beyond the returned row):
   when the window completes (pos + 1 ≡ 0 mod r) and r = 4, slots 4..7 take over 0..3.
   With norm = None (cos, sin, eps unused) it returns the pooled row, the channels split
   over programs of POOL_BLOCK_C (each owns its columns of every slot: no program reads
-  another's writes). With `norm` (cos/sin from glue.rope_table) one program does the whole
-  row and also RMS-norms it with `norm` and RoPEs the last 2 NP dims at position
-  pos + 1 - r: for rows that pass another finisher before the emit (the indexer's rounding).
+  another's writes). With `norm` (cos/sin from glue.rope_table) the row is also RMS-normed
+  with `norm` and RoPE'd on the last 2 NP dims at position pos + 1 - r: by the one program
+  that pools it when its [slots x channels] tile is at most POOL_FINISH_TILE elements, else
+  by a second launch after the wide pool. For rows that pass another finisher before the
+  emit (the indexer's rounding).
   The row is always computed; it is meaningful only when the window completes (an
   incomplete first window pools the -inf scores to 0, never emitted).
 - `emit_row(x, rows, pos, r, n_nope, fp8, half, norm=None, cos=None, sin=None, eps=0.0)`:
@@ -42,6 +44,8 @@ from dwarfstar.shape import OVERLAP_RATIO
 # (slots x channels) reaches POOL_WIDE_TILE elements, else 1.
 POOL_BLOCK_C = 32
 POOL_WIDE_TILE = 2048
+# Largest tile one program pools and finishes (r = 4: 8 x 512).
+POOL_FINISH_TILE = 4096
 
 
 @triton.jit
@@ -137,23 +141,27 @@ def compress_pool(a, z, ape, pos, kv_f, score_f, norm, cos, sin, eps: float, r: 
         for t in (norm, cos, sin):
             assert t.dtype == torch.float32 and t.is_contiguous()
         assert norm.shape == (c,) and c % 2 == 0 and 2 * cos.shape[1] <= c and sin.shape == cos.shape
-    cb = triton.next_power_of_2(c) if finish else block_c
     sb = triton.next_power_of_2(s)
+    one = finish and sb * triton.next_power_of_2(c) <= POOL_FINISH_TILE
+    cb = triton.next_power_of_2(c) if one else block_c
     out = torch.empty(1, c, dtype=torch.float32, device=a.device)
     _compress_pool_kernel[(triton.cdiv(c, cb),)](
-        a, z, ape, pos, kv_f, score_f, norm if finish else a, cos if finish else a, sin if finish else a, out,
-        eps, R=r, C=c, W=w, OV=ov, NP=cos.shape[1] if finish else 1, CB=cb, SB=sb, FINISH=finish,
+        a, z, ape, pos, kv_f, score_f, norm if one else a, cos if one else a, sin if one else a, out,
+        eps, R=r, C=c, W=w, OV=ov, NP=cos.shape[1] if one else 1, CB=cb, SB=sb, FINISH=one,
         num_warps=4 if sb * cb >= POOL_WIDE_TILE else 1)
+    if finish and not one:
+        row = torch.empty_like(out)
+        _finish(out, row, pos, r, 0, False, False, norm, cos, sin, eps, always=True)
+        return row
     return out
 
 
 @triton.jit
 def _emit_row_kernel(x_ptr, rows_ptr, pos_ptr, w_ptr, cos_ptr, sin_ptr, C, N_NOPE, eps, amax_floor,
                      R: tl.constexpr, NP: tl.constexpr, CP: tl.constexpr, NORM: tl.constexpr,
-                     FP8: tl.constexpr, HALF: tl.constexpr):
+                     FP8: tl.constexpr, HALF: tl.constexpr, ALWAYS: tl.constexpr):
     blk = tl.program_id(0)
     pos = tl.load(pos_ptr)
-    idx = tl.maximum((pos + 1) // R - 1, 0).to(tl.int64)
     offs = blk * 64 + tl.arange(0, 64)
     v = tl.load(x_ptr + offs)
     if NORM:
@@ -163,12 +171,20 @@ def _emit_row_kernel(x_ptr, rows_ptr, pos_ptr, w_ptr, cos_ptr, sin_ptr, C, N_NOP
         v = v * rn * tl.load(w_ptr + offs)
         v = _rope_block(v, blk * 64, tl.maximum(pos + 1 - R, 0), cos_ptr, sin_ptr, C, NP, 64)
     v = _round_kv_block(v, blk, N_NOPE, amax_floor, FP8, HALF)
-    emit = tl.full([64], 0, tl.int32) + ((pos + 1) % R == 0).to(tl.int32)
-    tl.store(rows_ptr + idx * C + offs, v, mask=(offs < C) & (emit != 0))
+    if ALWAYS:
+        tl.store(rows_ptr + offs, v, mask=offs < C)        # compress_pool's finish: row 0, no condition
+    else:
+        idx = tl.maximum((pos + 1) // R - 1, 0).to(tl.int64)
+        emit = tl.full([64], 0, tl.int32) + ((pos + 1) % R == 0).to(tl.int32)
+        tl.store(rows_ptr + idx * C + offs, v, mask=(offs < C) & (emit != 0))
 
 
 def emit_row(x, rows, pos, r: int, n_nope: int = 0, fp8: bool = False, half: bool = False,
              norm=None, cos=None, sin=None, eps: float = 0.0) -> None:
+    _finish(x, rows, pos, r, n_nope, fp8, half, norm, cos, sin, eps, always=False)
+
+
+def _finish(x, rows, pos, r, n_nope, fp8, half, norm, cos, sin, eps, always: bool) -> None:
     c = rows.shape[1]
     assert x.dtype == rows.dtype == torch.float32 and x.is_contiguous() and rows.is_contiguous()
     assert x.numel() == c and c % FP8_BLOCK == 0 and n_nope % FP8_BLOCK == 0 and pos.dtype == torch.int64
@@ -180,7 +196,7 @@ def emit_row(x, rows, pos, r: int, n_nope: int = 0, fp8: bool = False, half: boo
     _emit_row_kernel[(c // FP8_BLOCK,)](
         x, rows, pos, norm if has_norm else x, cos if has_norm else x, sin if has_norm else x, c, n_nope, eps,
         FP8_AMAX_FLOOR, R=r, NP=cos.shape[1] if has_norm else 1, CP=triton.next_power_of_2(c), NORM=has_norm,
-        FP8=fp8, HALF=half, num_warps=1)
+        FP8=fp8, HALF=half, ALWAYS=always, num_warps=1)
 
 
 # ---- twins ------------------------------------------------------------------------------

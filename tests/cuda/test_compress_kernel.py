@@ -82,11 +82,13 @@ def test_compress_step_matches_twin(r, c, fp8, half, wide):
     _check_rows(*_run(r, c, fp8, half, wide, list(range(3 * r + 1)), g), fp8, half)
 
 
-def test_compress_ratio128_window_end_matches_twin():
+@pytest.mark.parametrize("wide", [True, False])
+def test_compress_ratio128_window_end_matches_twin(wide):
     """r = 128 (128 candidates per channel) joined mid-stream: the last steps of a window,
-    its emit, and the first of the next."""
+    its emit, and the first of the next. Not wide: compress_pool finishes the row itself, in
+    a second launch as its tile (128 x 64) is past POOL_FINISH_TILE."""
     g = torch.Generator(device=DEV).manual_seed(128)
-    _check_rows(*_run(128, 64, True, True, True, list(range(2 * 128 - 3, 2 * 128 + 2)), g, 32, True),
+    _check_rows(*_run(128, 64, True, True, wide, list(range(2 * 128 - 3, 2 * 128 + 2)), g, 32, True),
                 True, True)
 
 
