@@ -8,16 +8,20 @@ Contract:
   weights (kernels/repack.py) for every matrix and to float tensors for vectors (F32, the
   compressor `ape`), int64 for `tid2eid`, fp16 for `token_embd`; all on one device.
   `ops` = `TRITON_OPS` (production) or `TWIN_OPS` (the kernels' PyTorch twins: the same
-  forward on a CPU, a diagnostic switch for tests).
+  forward on a CPU, a diagnostic switch for tests). Matrices multiplying the same input
+  (`ForwardModel.SHARED_INPUT`) are concatenated at load; their entries in `tensors` are
+  replaced by row views of the merged weight (same values, no second copy).
 - `model.step(state)` is one decode token: reads `state.token`, `state.pos`, writes the
   layer state, `state.logits`, advances `pos` and `ring_pos`. It does no host sync, no
   host-to-device copy and has no data-dependent shapes, so it can be captured in a CUDA
   graph (engine/cuda_engine.py) and replayed for every position.
 - `model.prefill(state, tokens)` appends a chunk (host positions): dense weights are
-  dequantised to fp32 and multiplied with torch.matmul when T > MAX_COLS, routed experts
-  are grouped by expert. It leaves `state` exactly as T decode steps would (model.md §4.2).
+  dequantised and multiplied with torch.matmul when T > MAX_COLS, routed experts are grouped
+  by expert (kernels/prefill_moe.py on CUDA), attention runs in query blocks
+  (kernels/prefill_attend.py). It leaves `state` as T decode steps would (model.md §4.2).
 - Both compute the reference math (model/reference.py) in fp32 with the same rounding
-  points; results differ from it by fp32 summation order only.
+  points; results differ from it by fp32 summation order only — except a chunk's GEMMs on
+  CUDA, whose inputs are rounded to fp16 (fp32 results; kernels/prefill_moe.gemm_dtype).
 The state is a `CudaDecodeState` (engine/cuda_state.py); `pos` is the GPU mirror of
 `len(state.tokens)`, which the caller keeps.
 """
@@ -32,23 +36,33 @@ import torch
 import torch.nn.functional as F
 
 from dwarfstar.engine.cuda_state import CudaDecodeState, CudaLayerState
+from dwarfstar.kernels.attend import attend_decode
 from dwarfstar.kernels.compress import compress_pool, emit_row
 from dwarfstar.kernels.glue import rms_norm as glue_rms_norm
 from dwarfstar.kernels.glue import rope as glue_rope
 from dwarfstar.kernels.glue import rope_table
-from dwarfstar.kernels.hc import hc_post, hc_post_ref, hc_split, hc_split_ref, hc_weighted_sum, hc_weighted_sum_ref
+from dwarfstar.kernels.hc import hc_head_split, hc_head_split_ref, hc_post, hc_post_ref, hc_split, hc_split_ref
+from dwarfstar.kernels.hc import hc_weighted_sum, hc_weighted_sum_ref
 from dwarfstar.kernels.matvec import MAX_COLS, expert_matvec, expert_matvec_ref, matvec, matvec_ref
+from dwarfstar.kernels.matvec import cat_planar, matvec_split_k, split_planar
 from dwarfstar.kernels.moe import QBLOCK, moe_down, moe_down_ref, moe_gate_up, moe_gate_up_ref, quantize_act_ref
+from dwarfstar.kernels.prefill_attend import attend_chunk, attend_dtype
+from dwarfstar.kernels.prefill_moe import gemm_dtype, matmul_f32, prefill_moe
 from dwarfstar.kernels.repack import Planar, dequantize_planar, select_experts
 from dwarfstar.kernels.rounding import hadamard_round, index_round, kv_round, stable_topk
 from dwarfstar.kernels.rounding import index_scores as index_scores_kernel
 from dwarfstar.kernels.route import route as route_kernel
+from dwarfstar.kernels.topk import select_topk
 from dwarfstar.model.attention import _attend
 from dwarfstar.model.moe import ROUTE_SUM_FLOOR, swiglu
 from dwarfstar.model.moe import stable_topk as sort_topk
 from dwarfstar.model.numerics import Numerics, _hadamard_matrix, fp8_sim, half_round, rms_norm
 from dwarfstar.model.rope import apply_rope, rope_frequencies
 from dwarfstar.shape import OVERLAP_RATIO, ModelConfig
+
+
+# Bytes of one head block of the chunk indexer's [T, heads, N_c] fp32 products.
+INDEX_SCORE_BYTES = 512 << 20
 
 
 def int8_round(a: torch.Tensor) -> torch.Tensor:
@@ -137,6 +151,15 @@ class Layer:
 
 
 class ForwardModel:
+    # Dense matrices of a layer that multiply the same input: concatenated along N at load
+    # (per planar type and K) so decode runs each group as one mat-vec launch (`proj_part`).
+    # Attention's h: q_a and kv. Compressed layers' h: both compressors' kv and gate, the
+    # indexer's weights. The FFN's h: shared-expert gate and up.
+    SHARED_INPUT = (("wq_a", "wkv"),
+                    ("compressor_wkv", "compressor_wgate", "indexer_compressor_wkv", "indexer_compressor_wgate",
+                     "indexer_weights_proj"),
+                    ("shared_w1", "shared_w3"))
+
     def __init__(self, config: ModelConfig, tensors: dict, numerics: str = "official", ops: Ops = TRITON_OPS):
         from dwarfstar.model.weights import _GGUF_OF_FIELD
 
@@ -153,6 +176,9 @@ class ForwardModel:
         # _old_tables because captured graphs may read them.
         self._rope_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._old_tables: list = []
+        # id(part view) -> (merged weight, first row, end row); the last merged mat-vec result.
+        self._part_of: dict[int, tuple[Planar, int, int]] = {}
+        self._last_merged: tuple | None = None
         for i in range(config.n_layers):
             r = config.compress_ratios[i]
             w = {f: tensors[f"blk.{i}.{g}"] for f, g in _GGUF_OF_FIELD.items() if f"blk.{i}.{g}" in tensors}
@@ -160,9 +186,35 @@ class ForwardModel:
             if (r > 0) not in omegas:
                 omegas[r > 0] = rope_frequencies(config, r).to(self.device)
             omega = omegas[r > 0]
+            self._merge_shared_input(i, w)
             self.layers.append(Layer(w, r, config.is_hash_layer(i), config.swiglu_limits[i], omega))
         self.hadamard = _hadamard_matrix(config.index_head_dim).to(self.device, torch.float32)
         self.group_ids = torch.arange(config.o_groups, dtype=torch.int32, device=self.device)
+
+    def _merge_shared_input(self, i: int, w: dict) -> None:
+        """Concatenate layer i's SHARED_INPUT groups (same planar type and K) into one weight.
+
+        The parts become row views of the merged weight, in `w` and in `self.t` under their
+        GGUF names, so the originals are freed (one layer's group is duplicated transiently)
+        and every other reader (prefill, the reference oracle, byte counts) sees the same
+        tensors as before."""
+        from dwarfstar.model.weights import _GGUF_OF_FIELD
+
+        for group in self.SHARED_INPUT:
+            kinds: dict[tuple, list[str]] = {}
+            for f in group:
+                if f in w and not isinstance(w[f], torch.Tensor) and len(w[f].shape) == 2:
+                    kinds.setdefault((type(w[f]), w[f].shape[1]), []).append(f)
+            for fields in kinds.values():
+                if len(fields) < 2:
+                    continue
+                sizes = [w[f].shape[0] for f in fields]
+                merged = cat_planar([w[f] for f in fields])
+                r0 = 0
+                for f, view, n in zip(fields, split_planar(merged, sizes), sizes):
+                    w[f] = self.t[f"blk.{i}.{_GGUF_OF_FIELD[f]}"] = view
+                    self._part_of[id(view)] = (merged, r0, r0 + n)
+                    r0 += n
 
     # ---- primitives -------------------------------------------------------------------
     def reserve_positions(self, n: int) -> None:
@@ -192,7 +244,24 @@ class ForwardModel:
         """x [T, K] @ W^T -> [T, N]: mat-vec kernel for decode, dequantise + matmul for chunks."""
         if x.shape[0] <= MAX_COLS:
             return self.ops.matvec(w, x.contiguous())
-        return x @ dequantize_planar(w).T
+        # Chunks: fp16 tensor-core GEMM on CUDA (fp32 results), fp32 elsewhere (prefill_moe.py).
+        dt = gemm_dtype(w, x.device)
+        return matmul_f32(x, dequantize_planar(w, dt), dt)
+
+    def proj_part(self, w: Planar, x: torch.Tensor) -> torch.Tensor:
+        """proj(w, x) where w may be part of a weight merged at load (_merge_shared_input): the
+        merged projection runs once per x (the last result is kept, keyed by the merged weight
+        and the x object, which it holds) and each part is a column slice of it. Chunks
+        (T > MAX_COLS) project each part on its own: launches do not matter there, and the
+        GEMM precision is chosen per weight (prefill_moe.gemm_dtype)."""
+        part = self._part_of.get(id(w))
+        if part is None or x.shape[0] > MAX_COLS:
+            return self.proj(w, x)
+        merged, r0, r1 = part
+        last = self._last_merged
+        if last is None or last[0] is not merged or last[1] is not x:
+            last = self._last_merged = (merged, x, self.proj(merged, x))
+        return last[2][:, r0:r1]
 
     def kv_rounding(self, row: torch.Tensor) -> torch.Tensor:
         n_nope = self.config.nope_head_dim
@@ -214,9 +283,26 @@ class ForwardModel:
     def hc_pre(self, x, fn, scale, base):
         c = self.config
         t, n, _ = x.shape
-        mix = self.proj(fn, self.norm(x.reshape(t, -1), None))      # [T, (2+n)n]
-        pre, post, m = self.ops.hc_split(mix, scale, base, n, c.hc_sinkhorn_iters, c.hc_eps)
+        rows = x.reshape(t, -1)                                      # [T, n D]
+        if t <= MAX_COLS:
+            # The HC RMS norm folded into hc_split: the mat-vec reads the raw rows and hc_split
+            # scales the mix by rsqrt(mean(rows^2) + eps) (one launch and a 64 KB pass fewer).
+            mix = self.hc_mix(fn, rows)                              # [(S,) T, (2+n)n]
+            pre, post, m = self.ops.hc_split(mix, scale, base, n, c.hc_sinkhorn_iters, c.hc_eps, rows, c.norm_eps)
+        else:
+            # Chunks keep the norm first: their dense projection may run in fp16, where the raw
+            # residual rows could overflow.
+            mix = self.proj(fn, self.norm(rows, None))
+            pre, post, m = self.ops.hc_split(mix, scale, base, n, c.hc_sinkhorn_iters, c.hc_eps)
         return self.hc_sum(x, pre), post, m
+
+    def hc_mix(self, fn: Planar, rows: torch.Tensor) -> torch.Tensor:
+        """The HC mat-vec of T <= MAX_COLS raw rows: with the Triton mat-vec, split-K partials
+        [S, T, M] (few rows, K = n D: one program per row block starves the GPU), which
+        hc_split / hc_head_split sum; else the [T, M] product."""
+        if self.ops.matvec is matvec:
+            return matvec_split_k(fn, rows)
+        return self.proj(fn, rows)
 
     def hc_post(self, f, x, post, m):
         return (hc_post if self.ops.glue else hc_post_ref)(f, x, post, m)
@@ -232,8 +318,15 @@ class ForwardModel:
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         c, t = self.config, x.shape[0]
-        mix = self.proj(self.t["output_hc_fn.weight"], self.norm(x.reshape(t, -1), None))
-        wts = torch.sigmoid(self.t["output_hc_scale.weight"][0] * mix + self.t["output_hc_base.weight"]) + c.hc_eps
+        rows = x.reshape(t, -1)
+        scale, base = self.t["output_hc_scale.weight"], self.t["output_hc_base.weight"]
+        if t <= MAX_COLS:
+            # Sigmoid weights with the HC RMS norm folded in (as hc_pre), one launch.
+            split = hc_head_split if self.ops.glue else hc_head_split_ref
+            wts = split(self.hc_mix(self.t["output_hc_fn.weight"], rows), scale, base, c.hc_eps, rows, c.norm_eps)
+        else:
+            mix = self.proj(self.t["output_hc_fn.weight"], self.norm(rows, None))
+            wts = torch.sigmoid(scale[0] * mix + base) + c.hc_eps
         y = self.norm(self.hc_sum(x, wts.contiguous()), self.t["output_norm.weight"])
         return self.proj(self.t["output.weight"], y)                          # [T, V]
 
@@ -282,11 +375,17 @@ class ForwardModel:
     def attention(self, h, positions, layer: Layer, s: CudaLayerState, state, chunk_t0):
         c, w = self.config, layer.w
         t, n_heads, d = h.shape[0], c.n_heads, c.head_dim
-        qr = self.norm(self.proj(w["wq_a"], h), w["q_norm"])
+        qr = self.norm(self.proj_part(w["wq_a"], h), w["q_norm"])
         q = self.norm(self.proj(w["wq_b"], qr).view(t, n_heads, d), None)
         q = self.rope(q, positions, layer.omega)                            # [T, H, Dh]
-        kv = self.norm(self.proj(w["wkv"], h), w["kv_norm"])
+        kv = self.norm(self.proj_part(w["wkv"], h), w["kv_norm"])
         kv = self.kv_rounding(self.rope(kv, positions, layer.omega))          # [T, Dh]
+        if chunk_t0 is None and self.ops.glue:
+            o = self.attend_step(h, qr, q, kv, positions, layer, s, state)      # [1, H, Dh]
+            o = self.rope(o, positions, layer.omega, inverse=True)
+            return self.out_proj(o.reshape(t, c.o_groups, -1), w)
+        if chunk_t0 is not None:
+            return self.attention_chunk(h, qr, q, kv, positions, layer, s, state, chunk_t0)
 
         # Raw window: ring rows held before this chunk, then the chunk's own rows.
         keys = torch.cat([s.raw, kv])
@@ -304,30 +403,72 @@ class ForwardModel:
         o = self.rope(o, positions, layer.omega, inverse=True)
         return self.out_proj(o.reshape(t, c.o_groups, -1), w)
 
+    def attention_chunk(self, h, qr, q, kv, positions, layer: Layer, s: CudaLayerState, state, chunk_t0):
+        """Prefill attention through kernels/prefill_attend.py: query blocks (bounded logits), each
+        over the ring rows held before the chunk, its window band of the chunk and the compressed rows."""
+        c, w, t = self.config, layer.w, q.shape[0]
+        ring, win = s.raw.clone(), c.window_size
+        keep = positions[-win:]
+        s.raw.index_copy_(0, keep % win, kv[-win:])
+        comp = comp_mask = None
+        if layer.ratio > 0:
+            comp, comp_mask = self.compressed_keys(h, qr, positions, layer, s, chunk_t0)
+        # Ratio-4 masks keep at most index_topk compressed rows per query: gathered per query.
+        comp_k = c.index_topk if layer.ratio == OVERLAP_RATIO else None
+        o = attend_chunk(q, kv, ring, state.ring_pos, positions, comp, comp_mask, w["attn_sink"], win,
+                         attend_dtype(q.device), comp_k=comp_k)
+        o = self.rope(o, positions, layer.omega, inverse=True)
+        return self.out_proj(o.reshape(t, c.o_groups, -1), w)
+
+    def attend_step(self, h, qr, q, kv, pos, layer: Layer, s: CudaLayerState, state) -> torch.Tensor:
+        """Decode attention through kernels/attend.py -> o [1, H, Dh]: the ring, this token's row
+        and the compressed rows are read in place (no key concatenation, no mask tensors) and
+        the kernel writes this token's ring slot; the compressors run first (rows emitted at
+        pos are visible to pos)."""
+        comp = idx = None
+        if layer.ratio > 0:
+            comp, idx = self.compressed_keys(h, qr, pos, layer, s, None, as_indices=True)
+        return attend_decode(q[0], s.raw, state.ring_pos, kv, pos, comp, idx, layer.ratio,
+                             layer.w["attn_sink"])[None]
+
     def out_proj(self, o: torch.Tensor, w: dict) -> torch.Tensor:
         """Grouped out-a (one [R_o, H*Dh/G] matrix per group) then out-b."""
         t, g, _ = o.shape
         if t == 1:
             y = self.ops.expert_matvec(w["wo_a_grouped"], self.group_ids, o[0].contiguous()).reshape(1, -1)
         else:
-            wo_a = dequantize_planar(w["wo_a_grouped"])                        # [G, R_o, H*Dh/G]
-            y = torch.einsum("tgi,goi->tgo", o, wo_a).reshape(t, -1)
+            dt = gemm_dtype(w["wo_a_grouped"], o.device)
+            wo_a = dequantize_planar(w["wo_a_grouped"], dt)                    # [G, R_o, H*Dh/G]
+            if dt == torch.float32:
+                y = torch.einsum("tgi,goi->tgo", o, wo_a).reshape(t, -1)
+            else:
+                y = matmul_f32(o.transpose(0, 1), wo_a, dt).transpose(0, 1).reshape(t, -1)
         return self.proj(w["wo_b"], y)
 
-    def compressed_keys(self, h, qr, positions, layer: Layer, s: CudaLayerState, chunk_t0):
-        """Run the compressors, -> (rows [N_c, Dh], mask [T, N_c]) the queries may attend to."""
+    def compressed_keys(self, h, qr, positions, layer: Layer, s: CudaLayerState, chunk_t0,
+                        as_indices: bool = False):
+        """Run the compressors, -> (rows [N_c, Dh], mask [T, N_c]) the queries may attend to.
+
+        `as_indices` (decode through kernels/attend.py): -> (all rows [cap, Dh], the selected
+        row indices [k_eff], or None for every row); the kernel derives visibility from pos.
+        """
         c, w, r = self.config, layer.w, layer.ratio
         comp = (w["compressor_wkv"], w["compressor_wgate"], w["compressor_ape"], w["compressor_norm"])
         self.compress(h, positions, chunk_t0, s.comp_kv, s.comp_score, s.comp, comp, r, layer.omega,
                       self.kv_rounding, kv_rows=True)
-        visible_n = (positions + 1) // r                                       # [T]
+        if as_indices and r != OVERLAP_RATIO:
+            return s.comp, None
         if chunk_t0 is None:
             cap = s.comp.shape[0]
             rows, n_c = s.comp, cap
         else:
             n_c = (chunk_t0 + h.shape[0]) // r
             rows = s.comp[:n_c]
-        visible = torch.arange(n_c, device=h.device)[None, :] < visible_n[:, None]    # [T, N_c]
+        # The rows emitted before each query; kernels/attend.py with the fused (-inf masked)
+        # scores needs none of it.
+        visible = None
+        if not (as_indices and "index" in self.ops.fused):
+            visible = torch.arange(n_c, device=h.device)[None, :] < ((positions + 1) // r)[:, None]   # [T, N_c]
         if r != OVERLAP_RATIO:
             return rows, visible
         idx_w = (w["indexer_compressor_wkv"], w["indexer_compressor_wgate"], w["indexer_compressor_ape"],
@@ -347,7 +488,11 @@ class ForwardModel:
             return rows, chosen & visible
         # Decode: gather the k_eff best rows; when fewer are visible all of them are among
         # the k_eff (finite scores beat -inf), the same set the reference keeps.
-        top = stable_topk(score, min(c.index_topk, n_c))                       # [1, k_eff]
+        # kernels/topk.py returns the same set in index order; the attention does not depend on it.
+        topk = select_topk if "index" in self.ops.fused else stable_topk
+        top = topk(score, min(c.index_topk, n_c))                              # [1, k_eff]
+        if as_indices:
+            return rows, top[0]
         return rows.index_select(0, top[0]), visible.gather(1, top)
 
     def index_scores(self, qr, h, positions, rows, w, omega) -> torch.Tensor:
@@ -356,7 +501,15 @@ class ForwardModel:
         q = self.proj(w["indexer_wq_b"], qr).view(-1, n_h, d_i)               # [T, H_I, d_I]
         q = self.index_rounding(self.rope(q, positions, omega), is_cached=False)
         wts = self.proj(w["indexer_weights_proj"], h) / math.sqrt(d_i * n_h)   # [T, H_I]
-        return torch.einsum("th,thc->tc", wts, torch.relu(torch.einsum("thd,cd->thc", q, rows)))
+        # Head blocks keep the [T, heads, N_c] products under INDEX_SCORE_BYTES (a chunk of
+        # 2048 at 128K context would need 17 GB at once); one block when it fits (decode).
+        n_blk = max(1, min(n_h, INDEX_SCORE_BYTES // max(1, 4 * q.shape[0] * rows.shape[0])))
+        score = None
+        for h0 in range(0, n_h, n_blk):
+            part = torch.einsum("th,thc->tc", wts[:, h0:h0 + n_blk],
+                                torch.relu(torch.einsum("thd,cd->thc", q[:, h0:h0 + n_blk], rows)))
+            score = part if score is None else score + part
+        return score
 
     def index_scores_step(self, qr, h, pos, rows, w, omega) -> torch.Tensor:
         """Decode, kernels/rounding.py: scores [1, cap] of all rows, -inf past the visible ones."""
@@ -364,7 +517,7 @@ class ForwardModel:
         d_i, n_h = c.index_head_dim, c.index_n_heads
         q = self.proj(w["indexer_wq_b"], qr).view(1, n_h, d_i)
         q = self.index_rounding(self.rope(q, pos, omega), is_cached=False)
-        wts = self.proj(w["indexer_weights_proj"], h)
+        wts = self.proj_part(w["indexer_weights_proj"], h)
         return index_scores_kernel(q.view(n_h, d_i), wts.view(n_h).contiguous(), rows, pos, OVERLAP_RATIO,
                                    math.sqrt(d_i * n_h))
 
@@ -372,20 +525,22 @@ class ForwardModel:
     def compress(self, h, positions, chunk_t0, kv_f, score_f, rows, params, r, omega, finish,
                  kv_rows: bool = False):
         wkv, wgate, ape, norm = params
-        a = self.proj(wkv, h)                                                  # [T, coff*c]
+        a = self.proj_part(wkv, h)                                             # [T, coff*c]
         if chunk_t0 is None and "compress" in self.ops.fused:
-            # kernels/compress.py: slot write, pool, norm, RoPE in one launch; the emit (with
-            # the KV rounding for attention rows) in another.
+            # kernels/compress.py: slot write + pool over channel blocks, then norm + RoPE + KV
+            # rounding + append in the emit; indexer rows are normed + RoPE'd by the pool launch
+            # (one program) because their rounding (`finish`) comes before the append.
             cos, sin = self._rope_tables[id(omega)]
-            row = compress_pool(a, self.proj(wgate, h), ape, positions, kv_f, score_f, norm, cos, sin,
-                                self.config.norm_eps, r)
-            nm = self.numerics
+            z, nm, eps = self.proj_part(wgate, h), self.numerics, self.config.norm_eps
             if kv_rows:
-                emit_row(row, rows, positions, r, self.config.nope_head_dim, nm.fp8_kv, nm.half_cache)
+                pooled = compress_pool(a, z, ape, positions, kv_f, score_f, None, None, None, eps, r)
+                emit_row(pooled, rows, positions, r, self.config.nope_head_dim, nm.fp8_kv, nm.half_cache,
+                         norm, cos, sin, eps)
             else:
+                row = compress_pool(a, z, ape, positions, kv_f, score_f, norm, cos, sin, eps, r)
                 emit_row(finish(row), rows, positions, r)
             return
-        z = self.proj(wgate, h) + ape[positions % r]
+        z = self.proj_part(wgate, h) + ape[positions % r]
         if chunk_t0 is None:
             self._compress_step(a, z, positions, kv_f, score_f, rows, norm, r, omega, finish)
         else:
@@ -467,7 +622,7 @@ class ForwardModel:
 
     def shared(self, x, layer: Layer):
         w = layer.w
-        mid = swiglu(self.proj(w["shared_w1"], x), self.proj(w["shared_w3"], x), layer.swiglu_limit)
+        mid = swiglu(self.proj_part(w["shared_w1"], x), self.proj_part(w["shared_w3"], x), layer.swiglu_limit)
         return self.proj(w["shared_w2"], mid)
 
     def moe_step(self, x, tokens, layer: Layer):
@@ -484,22 +639,20 @@ class ForwardModel:
         return y + self.shared(x, layer)
 
     def moe_chunk(self, x, tokens, layer: Layer):
-        """Prefill: on the GPU with the int8 kernels, ops.moe over all T tokens (each (token,
-        slot) pair reads its expert's rows; no host sync and the same arithmetic as decode;
-        speed in docs/PERF.md). Otherwise (token, slot) pairs grouped by expert, one
-        dequantised expert at a time.
+        """Prefill: (token, slot) pairs grouped by expert. On the GPU kernels/prefill_moe.py
+        (each used expert dequantised once to fp16, one batched GEMM per batch of experts, one
+        host sync per layer); elsewhere one dequantised fp32 expert at a time (the same function).
 
         The expert inputs get decode's rounding points (int8 per 32, `int8_round`) unless
         the ops are the fp32-expert ones, so prefill and decode compute the same function.
         """
         w = layer.w
         sel, wts = self.route(x, tokens, layer, sort_topk)
-        if self.int8_experts and x.is_cuda:
-            # The decode kernels with T tokens: no host sync, decode's numerics exactly.
-            y = self.ops.moe(w["w1"], w["w3"], w["w2"], x.contiguous(), sel.to(torch.int32),
-                             wts.float().contiguous(), layer.swiglu_limit)
-            return y + self.shared(x, layer)
         act = int8_round if self.int8_experts else (lambda a: a)
+        if x.is_cuda:
+            y = prefill_moe(w["w1"], w["w3"], w["w2"], x, sel, wts.float(), layer.swiglu_limit, act,
+                            gemm_dtype(w["w1"], x.device))
+            return y + self.shared(x, layer)
         out = torch.zeros_like(x)
         xq = act(x)
         flat = sel.flatten()
