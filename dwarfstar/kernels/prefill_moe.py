@@ -102,7 +102,11 @@ def prefill_moe(w1: Planar, w3: Planar, w2: Planar, x: torch.Tensor, sel: torch.
     ids_by_load = torch.argsort(counts, descending=True, stable=True)
     starts = torch.cumsum(counts, 0) - counts
     token, pair_w = order // k, wts.reshape(-1)[order]
-    out = torch.zeros_like(x)
+    # Each (token, slot) pair's output lands in its own row (padding rows in a spare last
+    # row), then the K slots are summed in slot order: deterministic, where index_add_ on
+    # CUDA adds the K rows of a token with atomics in a run-dependent order.
+    n_flat = flat.shape[0]
+    per_pair = x.new_zeros(n_flat + 1, x.shape[1])
     per_expert = (2 * f * d + d * f) * torch.finfo(dtype).bits // 8
     i = 0
     while i < len(used):
@@ -118,6 +122,7 @@ def prefill_moe(w1: Planar, w3: Planar, w2: Planar, x: torch.Tensor, sel: torch.
         v = matmul_f32(h, _dequant(w3, ids, dtype), dtype)                    # [S, M, F]
         mid = act(swiglu(g, v, limit) * torch.where(valid, pair_w[pair], 0)[..., None])
         y = matmul_f32(mid, _dequant(w2, ids, dtype), dtype)                  # [S, M, D]
-        out.index_add_(0, tok.reshape(-1), y.reshape(-1, d))
+        dest = torch.where(valid, order[pair], n_flat)                        # [S, M]
+        per_pair.index_copy_(0, dest.reshape(-1), y.reshape(-1, d))
         i += n
-    return out
+    return per_pair[:n_flat].view(-1, k, d).sum(1)

@@ -105,18 +105,16 @@ class Ops:
     moe_int8: bool      # whether `moe` rounds expert inputs to int8 (prefill then does too)
     glue: bool = False  # RMS norm and RoPE through kernels/glue.py (else the reference functions)
     # Decode-step kernels in use, a subset of FUSED_PARTS: "compress" (kernels/compress.py),
-    # "route" (kernels/route.py), "index" (indexer rounding and scores of rounding.py); they need
-    # glue. With all three the H200 greedy/top-20 GPU test failed (4 steps past int8_official,
-    # max 0.299; docs/PERF.md 2026-11-23) although each kernel matched its twin on the GPU; the
-    # per-part GPU test showed "route" alone causes it, so TRITON_OPS leaves it out.
+    # "route" (kernels/route.py), "index" (indexer rounding, scores and top-k); they need glue.
     fused: frozenset = frozenset()
 
 
-# Production: "route" stays off — on the H200 bisect (tests/cuda/test_cuda_gpu.py
-# test_fused_part_matches_reference) it alone reproduced the 4 over-bound steps; compress and
-# index each passed.
+# Production: all three fused parts. "route" was off after an H200 bisect put 4 steps of the
+# greedy GPU test over the bound with it; after its rework (libdevice softplus, exact int64
+# selection keys) the same steps went over with it off too, at routing near-ties of the
+# reference (tests/cuda/test_cuda_gpu.py reports the margins), so it is on again.
 TRITON_OPS = Ops(matvec, expert_matvec, hc_split, _experts_int8(moe_gate_up, moe_down), True, True,
-                 frozenset({"compress", "index"}))
+                 frozenset({"compress", "route", "index"}))
 # The pre-kernels/moe path (fp32 experts): the accuracy baseline of the int8 one.
 TRITON_FP32_MOE_OPS = Ops(matvec, expert_matvec, hc_split, _experts_fp32(expert_matvec), False, True)
 TWIN_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False)

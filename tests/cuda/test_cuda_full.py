@@ -19,6 +19,7 @@ Run alone: `python3 -m pytest -m gpu tests/cuda/test_cuda_full.py -x -q -s`.
 import contextlib
 import dataclasses
 import gc
+import math
 import time
 
 import pytest
@@ -29,6 +30,7 @@ from dwarfstar.engine.engine import EngineOptions
 from dwarfstar.engine.session import Session
 from dwarfstar.model.planar_weights import on_device, planar_weights
 from dwarfstar.model.reference import ReferenceModel
+import int8_oracle
 from int8_oracle import int8_reference
 
 N_PROMPT, N_GREEDY = 300, 32
@@ -93,13 +95,14 @@ class Agreement:
     greedy_flips: list    # (step, got, reference's argmax, reference's top-2 gap) beyond a near-tie
     over: list            # indices into errors past the bound, flips included
     reference_s: float
+    gaps: list            # the oracle's smallest top-6 routing margin at each step (inf: not recorded)
 
     def summary(self) -> str:
         def stats(e):
             return f"max {max(e):.3g}, mean {sum(e) / len(e):.3g}"
         return (f"top-20 |Δ logprob| vs int8-expert reference: {stats(self.errors)}; vs plain reference: "
-                f"{stats(self.plain_errors)}; steps past the bound: {self.over}; greedy flips beyond a "
-                f"near-tie {self.greedy_flips}")
+                f"{stats(self.plain_errors)}; steps past the bound: {self.over} (routing margins "
+                f"{[round(self.gaps[i], 5) for i in self.over]}); greedy flips beyond a near-tie {self.greedy_flips}")
 
 
 def greedy_agreement(session, oracle: ReferenceRun, plain: ReferenceRun, prompt, n_greedy, bound,
@@ -112,6 +115,7 @@ def greedy_agreement(session, oracle: ReferenceRun, plain: ReferenceRun, prompt,
     errors = [logprob_error(ref, session.logits())]
     plain_errors = [logprob_error(ref_plain, session.logits())]
     greedy_flips = []
+    gaps = [math.inf]
     for step in range(n_greedy):
         token = int(session.logits().argmax())
         top2 = torch.topk(ref.double(), 2).values
@@ -121,12 +125,15 @@ def greedy_agreement(session, oracle: ReferenceRun, plain: ReferenceRun, prompt,
             greedy_flips.append((step, token, int(ref.argmax()), round(gap, 4)))
         session.eval(token)
         start = time.perf_counter()
-        ref, ref_plain = oracle.eval(token), plain.eval(token)
+        int8_oracle.ROUTE_GAPS.clear()
+        ref = oracle.eval(token)
+        gaps.append(min(int8_oracle.ROUTE_GAPS, default=math.inf))
+        ref_plain = plain.eval(token)
         reference_s += time.perf_counter() - start
         errors.append(logprob_error(ref, session.logits()))
         plain_errors.append(logprob_error(ref_plain, session.logits()))
     over = sorted({i for i, e in enumerate(errors) if e > bound} | {step + 1 for step, *_ in greedy_flips})
-    return Agreement(errors, plain_errors, greedy_flips, over, reference_s)
+    return Agreement(errors, plain_errors, greedy_flips, over, reference_s, gaps)
 
 
 def test_full_size_greedy_and_top20_match_reference(models, tol, logprob_error):
@@ -143,7 +150,9 @@ def test_full_size_greedy_and_top20_match_reference(models, tol, logprob_error):
     print(f"per step vs plain reference: {[round(e, 4) for e in a.plain_errors]}")
     print(f"CUDA {total_s - a.reference_s:.1f} s, reference (int8 + plain) {a.reference_s:.1f} s; "
           f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    assert len(a.over) <= tol("discrete_flips_full"), (a.errors, a.greedy_flips)
+    # Steps at a routing near-tie of the oracle (TOLERANCES "route_near_tie") are reported, not counted.
+    tied = {i for i in a.over if a.gaps[i] < tol("route_near_tie")}
+    assert len(set(a.over) - tied) <= tol("discrete_flips_full"), (a.errors, a.greedy_flips, a.gaps)
     # A systematic error at Flash shapes would raise every step, not a few: the mean is held to
     # the per-step bound; every step (flips included) to the int8 guard.
     assert mean <= bound, a.errors

@@ -1,0 +1,59 @@
+"""Decode attention (kernels/attend.py) at Flash shapes: time per call for a sweep of its block
+constants, against the torch twin. H = 64 heads, Dh = 512, window 128; cases: ratio 0 (window
+only), ratio 4 with the indexer's 512 rows, ratio 128 at 2K and 32K context.
+
+Usage: PYTHONPATH=.:bench python3 bench/attend_bench.py   (prints one line per setting, then the best)
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton.testing
+
+from dwarfstar.kernels import attend
+
+H, D, W = 64, 512, 128
+
+
+def case(pos: int, ratio: int, n_rows: int, k: int | None, gen: torch.Generator) -> dict:
+    dev = "cuda"
+    slots = torch.arange(W)
+    ring = pos - 1 - ((pos - 1 - slots) % W)
+    comp = torch.randn(n_rows, D, generator=gen).to(dev) if n_rows else None
+    idx = torch.randperm(n_rows, generator=gen)[:k].sort().values.to(dev) if k else None
+    return dict(q=torch.randn(H, D, generator=gen).to(dev), raw=torch.randn(W, D, generator=gen).to(dev),
+                ring_pos=ring.to(dev), kv=torch.randn(1, D, generator=gen).to(dev),
+                pos=torch.tensor([pos], device=dev), comp=comp, comp_idx=idx, ratio=ratio,
+                sinks=torch.randn(H, generator=gen).to(dev))
+
+
+def main() -> None:
+    gen = torch.Generator().manual_seed(0)
+    cases = {"r0": case(2048, 0, 0, None, gen), "r4 k512 @2K": case(2048, 4, 512, 512, gen),
+             "r4 k512 @32K": case(32768, 4, 8192, 512, gen), "r128 @2K": case(2048, 128, 16, None, gen),
+             "r128 @32K": case(32768, 128, 256, None, gen)}
+    # Production mix per step: 2 ratio-0 layers, 21 ratio-4, 20 ratio-128.
+    weights = {"r0": 2, "r4 k512 @2K": 21, "r128 @2K": 20}
+    print("twin:", {n: round(triton.testing.do_bench(lambda c=c: attend.attend_decode_ref(**c)) * 1e3, 1)
+                    for n, c in cases.items()})
+    best = None
+    for bn, bh, bd, nw in itertools.product((16, 32, 64), (16, 32, 64), (64, 128), (4, 8)):
+        attend.BLOCK_N, attend.BLOCK_H, attend.BLOCK_D, attend.NUM_WARPS = bn, bh, bd, nw
+        try:
+            us = {n: triton.testing.do_bench(lambda c=c: attend.attend_decode(**c)) * 1e3 for n, c in cases.items()}
+        except Exception as e:            # out of shared memory / registers for this tile
+            print(f"BLOCK_N {bn} BLOCK_H {bh} BLOCK_D {bd} warps {nw}: {type(e).__name__}")
+            continue
+        step = sum(us[n] * m for n, m in weights.items())
+        print(f"BLOCK_N {bn:3d} BLOCK_H {bh:3d} BLOCK_D {bd:4d} warps {nw}: "
+              + " ".join(f"{n} {v:6.1f}" for n, v in us.items()) + f" | 2K step {step:7.1f} us")
+        if best is None or step < best[0]:
+            best = (step, bn, bh, bd, nw)
+    print("best (2K step µs, BLOCK_N, BLOCK_H, BLOCK_D, warps):", tuple(round(v, 1) if isinstance(v, float) else v
+                                                                       for v in best))
+
+
+if __name__ == "__main__":
+    main()
