@@ -39,7 +39,7 @@ def main() -> None:
     print("twin:", {n: round(triton.testing.do_bench(lambda c=c: attend.attend_decode_ref(**c)) * 1e3, 1)
                     for n, c in cases.items()})
     best = None
-    for bn, bh, bd, nw in itertools.product((16, 32, 64), (16, 32, 64), (64, 128), (4, 8)):
+    for bn, bh, bd, nw in itertools.product((16, 32, 64), (16, 32, 64), (64, 128), (4,)):
         attend.BLOCK_N, attend.BLOCK_H, attend.BLOCK_D, attend.NUM_WARPS = bn, bh, bd, nw
         try:
             us = {n: triton.testing.do_bench(lambda c=c: attend.attend_decode(**c)) * 1e3 for n, c in cases.items()}
