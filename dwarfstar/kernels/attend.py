@@ -42,6 +42,10 @@ BLOCK_H = 16      # heads per program (tl.dot needs >= 16)
 BLOCK_D = 64      # head-dim chunk of the dots
 COMBINE_D = 128   # head-dim chunk of a combine program
 NUM_WARPS = 4
+# (BLOCK_N, BLOCK_H, BLOCK_D) when every compressed row is a key (ratio-128 layers): the H200
+# sweep of bench/attend_bench.py (docs/PERF.md) put (16, 32, 128) at 44 µs per call there vs
+# 67 µs for the defaults above, which stay best with the indexer's 512 gathered rows (39 µs).
+ALL_ROWS_BLOCKS = (16, 32, 128)
 
 
 def attend_decode_ref(q, raw, ring_pos, kv, pos, comp, comp_idx, ratio, sinks) -> torch.Tensor:
@@ -148,24 +152,25 @@ def attend_decode(q, raw, ring_pos, kv, pos, comp, comp_idx, ratio, sinks) -> to
     assert raw.shape == (w, d) and kv.shape == (1, d) and sinks.shape == (n_heads,)
     assert ring_pos.dtype == torch.int64 and ring_pos.shape == (w,) and ring_pos.is_contiguous()
     assert pos.dtype == torch.int64 and pos.shape == (1,)
-    block_d = min(BLOCK_D, d)
-    assert d % block_d == 0 and d % min(COMBINE_D, d) == 0, "head dim: a multiple of the D blocks"
     has_comp = comp is not None
     has_idx = has_comp and comp_idx is not None
+    block_n, block_h, block_d = ALL_ROWS_BLOCKS if has_comp and not has_idx else (BLOCK_N, BLOCK_H, BLOCK_D)
+    block_d = min(block_d, d)
+    assert d % block_d == 0 and d % min(COMBINE_D, d) == 0, "head dim: a multiple of the D blocks"
     if has_comp:
         assert comp.shape[1] == d and ratio > 0
     if has_idx:
         assert comp_idx.dtype == torch.int64 and comp_idx.dim() == 1 and comp_idx.is_contiguous()
     n_rows = (comp_idx.shape[0] if has_idx else comp.shape[0]) if has_comp else 0
-    n_blocks = triton.cdiv(w + 1 + n_rows, BLOCK_N)
+    n_blocks = triton.cdiv(w + 1 + n_rows, block_n)
     m = torch.empty(n_blocks, n_heads, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     part = torch.empty(n_blocks, n_heads, d, dtype=torch.float32, device=q.device)
     out = torch.empty(n_heads, d, dtype=torch.float32, device=q.device)
-    _attend_partial_kernel[(n_blocks, triton.cdiv(n_heads, BLOCK_H))](
+    _attend_partial_kernel[(n_blocks, triton.cdiv(n_heads, block_h))](
         q, raw, ring_pos, kv, pos, comp if has_comp else raw, comp_idx if has_idx else ring_pos,
         m, l, part, max(ratio, 1), n_heads, d, w, n_rows, math.sqrt(d),
-        HAS_COMP=has_comp, HAS_IDX=has_idx, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+        HAS_COMP=has_comp, HAS_IDX=has_idx, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=NUM_WARPS)
     combine_d = min(COMBINE_D, d)
     _attend_combine_kernel[(n_heads, d // combine_d)](m, l, part, sinks, out, n_heads, d, n_blocks,
