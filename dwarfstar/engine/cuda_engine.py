@@ -37,7 +37,9 @@ from dwarfstar.shape import ModelConfig
 # Default prefill chunk (tokens): each chunk dequantises every used expert and dense matrix
 # once per layer, so longer chunks amortise that; the chunk's memory is bounded per layer
 # (kernels/prefill_moe.py, kernels/prefill_attend.py, forward.INDEX_SCORE_BYTES), a few GB.
-PREFILL_CHUNK = 2048
+# H200 profile of a 2048-token chunk (docs/PERF.md): 43 % of its kernel time is the experts'
+# fp16 dequantisation, a fixed cost per chunk, hence 4096.
+PREFILL_CHUNK = 4096
 # GGUF names whose 2-D F16 tensors are added, not multiplied (kept as float32).
 _ADDITIVE = ("compressor_ape", "indexer_compressor_ape")
 _EMBED = "token_embd.weight"

@@ -34,6 +34,7 @@ import int8_oracle
 from int8_oracle import int8_reference
 
 N_PROMPT, N_GREEDY = 300, 32
+N_STEPS_SYNCED = 8
 CTX = 512
 MIN_GPU_GIB = 120
 
@@ -49,12 +50,33 @@ pytestmark = [
 ]
 
 
+# Random full-size weights are chaotic at the routing near-ties: on the H200 (2026-11-23) the
+# int8-expert reference and the plain reference (inputs differing by the ~0.5 % int8 rounding)
+# were 1.42 nats apart on average over the 33 steps, the CUDA engine 1.38 / 1.25 from them, and
+# one step from an identical state 0.15-1.2 nats — each token's smallest top-6 routing margin over
+# the 40 score-routed layers was 4e-5..1.6e-3, so an fp32 summation-order difference swaps an
+# expert somewhere in nearly every step. The score bias of every score-routed layer is widened to
+# N(0, ROUTE_PIN_STD): the top-6 are then decided by margins of order one, and the comparison
+# measures the kernels instead of the chaos. Data-dependent selection is covered by the 4-layer
+# test (tests/cuda/test_cuda_gpu.py) and the route kernel tests.
+ROUTE_PIN_STD = 10.0
+
+
+def _pin_routing(engine) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    for i in range(engine.config.n_layers):
+        bias = engine.model.t.get(f"blk.{i}.exp_probs_b.bias")
+        if bias is not None and not engine.config.is_hash_layer(i):
+            bias.copy_(torch.randn(bias.shape, generator=gen, device="cuda") * ROUTE_PIN_STD)
+
+
 @pytest.fixture(scope="module")
 def models():
     """(CUDA engine on full-size dummy q2 weights, the reference model on the same tensors)."""
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     engine = CudaEngine.dummy(flash_config(), EngineOptions(backend="cuda", ctx=CTX, prefill_chunk=512), "q2")
+    _pin_routing(engine)
     torch.cuda.synchronize()
     print(f"\ndummy q2 weights: {tensor_bytes(engine.model.t) / 2**30:.2f} GiB "
           f"in {time.perf_counter() - start:.1f} s")
@@ -114,6 +136,7 @@ def greedy_agreement(session, oracle: ReferenceRun, plain: ReferenceRun, prompt,
     reference_s = time.perf_counter() - start
     errors = [logprob_error(ref, session.logits())]
     plain_errors = [logprob_error(ref_plain, session.logits())]
+    ref_gaps = [logprob_error(ref, ref_plain)]       # how far the int8 rounding alone moves the reference
     greedy_flips = []
     gaps = [math.inf]
     for step in range(n_greedy):
@@ -132,6 +155,9 @@ def greedy_agreement(session, oracle: ReferenceRun, plain: ReferenceRun, prompt,
         reference_s += time.perf_counter() - start
         errors.append(logprob_error(ref, session.logits()))
         plain_errors.append(logprob_error(ref_plain, session.logits()))
+        ref_gaps.append(logprob_error(ref, ref_plain))
+    print(f"int8-expert reference vs plain reference (same tokens): max {max(ref_gaps):.3g}, "
+          f"mean {sum(ref_gaps) / len(ref_gaps):.3g}")
     over = sorted({i for i, e in enumerate(errors) if e > bound} | {step + 1 for step, *_ in greedy_flips})
     return Agreement(errors, plain_errors, greedy_flips, over, reference_s, gaps)
 
@@ -158,3 +184,28 @@ def test_full_size_greedy_and_top20_match_reference(models, tol, logprob_error):
     assert mean <= bound, a.errors
     assert max(a.errors) <= tol("int8_experts_vs_plain"), a.errors
     assert plain_mean <= tol("int8_experts_vs_plain"), a.plain_errors
+
+
+def test_full_size_one_step_from_the_reference_state(models, tol, logprob_error):
+    """Each step starts from the int8 oracle's own state (copied into the CUDA session), so only
+    the error of one decode step through 43 layers is measured, not its accumulation over the
+    prompt and the earlier steps."""
+    engine, reference = models
+    prompt = _prompt(N_PROMPT, engine.config.vocab_size, seed=3)
+    oracle = ReferenceRun(reference, CTX, int8=True)
+    oracle.sync(prompt)
+    session = engine.new_session()
+    errors, gaps = [], []
+    token = prompt[-1]
+    for step in range(N_STEPS_SYNCED):
+        session.state.load_reference(oracle.session.state)
+        token = int(oracle.session.logits().argmax())
+        session.eval(token)
+        int8_oracle.ROUTE_GAPS.clear()
+        ref = oracle.eval(token)
+        gaps.append(min(int8_oracle.ROUTE_GAPS, default=math.inf))
+        errors.append(logprob_error(ref, session.logits()))
+    print(f"one step from the reference state, {N_STEPS_SYNCED} steps: top-20 |Δ logprob| "
+          f"{[round(e, 4) for e in errors]} (routing margins {[round(g, 5) for g in gaps]})")
+    assert all(math.isfinite(e) for e in errors)
+    assert sorted(errors)[len(errors) // 2] <= tol("int8_official"), errors
