@@ -217,9 +217,15 @@ class CudaSession:
         return len(tokens) - start
 
     def logits(self) -> torch.Tensor:
+        return self.device_logits().cpu()
+
+    def device_logits(self) -> torch.Tensor:
+        """The last logits in place on the GPU (read-only, overwritten by the next eval/sync):
+        sampling there (engine/sampling.py, generate.live_logits) reads back a token id
+        instead of the whole [V] row."""
         if not self.state.has_logits:
             raise RuntimeError("no logits yet: the session holds no tokens")
-        return self.state.logits.cpu()
+        return self.state.logits
 
     def eval(self, token: int) -> None:
         if self.state.n_tokens >= self.ctx:
