@@ -48,14 +48,17 @@ TOLERANCES = {
                        "activations of O(1)), enough to swap two experts that close; on the 4-layer "
                        "synth steps 6 and 8 of the 300-token test went over by 0.30 in every "
                        "configuration since 2026-11-23 (route kernel on or off)"),
-    "discrete_flips_full": (4, "steps of 33 allowed past int8_official in the full-size test "
-                            "(test_cuda_full.py, 43 layers), each still held to int8_experts_vs_plain; "
-                            "the discrete choices of 'discrete_flips' happen per layer and Flash routes "
-                            "by score in 40 layers where the 4-layer synth routes in one (layers 0-2 "
-                            "hash), so an ulp-flipped top-6 near-tie is ~40x as likely per step, while "
-                            "each flip moves the logits less (one layer is ~1/sqrt(43) of the residual); "
-                            "the 4-layer test saw 0-1 such steps in 33. Provisional: set from the first "
-                            "H200 run (the test prints the steps)"),
+    "discrete_flips_full": (4, "greedy choices of 32 allowed to differ from the oracle's beyond a near-tie "
+                            "in the full-size test (test_cuda_full.py, 43 layers, routing pinned): "
+                            "measured 2 on the H200 (top-2 gaps 0.087 and 0.165)"),
+    "full_size_vs_rounding": (2.0, "full-size test: the CUDA path's top-20 distance to the int8 oracle "
+                              "(mean and max over the 33 steps) relative to the oracle's own distance "
+                              "to the plain reference on the same tokens. The random 43-layer model "
+                              "amplifies any perturbation: fp32 order and ulp-level FP8/int8 code flips "
+                              "(the CUDA path) like the ~0.5 % int8 rounding (the oracle vs plain); H200 "
+                              "with routing pinned: CUDA vs oracle mean 0.127 / max 0.666, oracle vs "
+                              "plain 0.113 / 0.668 (ratios 1.1 / 1.0); one step from the oracle's own "
+                              "state is held to int8_official in absolute terms"),
     # Oracle for the entries above: the reference with the routed experts' inputs rounded
     # as the kernels round them (int8_oracle.py), so only fp32 order differs from it.
     "int8_experts_vs_plain": (0.5, "distance to the reference WITHOUT the int8 rounding of the routed "

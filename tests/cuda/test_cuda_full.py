@@ -118,6 +118,7 @@ class Agreement:
     over: list            # indices into errors past the bound, flips included
     reference_s: float
     gaps: list            # the oracle's smallest top-6 routing margin at each step (inf: not recorded)
+    ref_gaps: list        # top-20 |Δ logprob| of the int8 oracle vs the plain reference, same tokens
 
     def summary(self) -> str:
         def stats(e):
@@ -159,7 +160,7 @@ def greedy_agreement(session, oracle: ReferenceRun, plain: ReferenceRun, prompt,
     print(f"int8-expert reference vs plain reference (same tokens): max {max(ref_gaps):.3g}, "
           f"mean {sum(ref_gaps) / len(ref_gaps):.3g}")
     over = sorted({i for i, e in enumerate(errors) if e > bound} | {step + 1 for step, *_ in greedy_flips})
-    return Agreement(errors, plain_errors, greedy_flips, over, reference_s, gaps)
+    return Agreement(errors, plain_errors, greedy_flips, over, reference_s, gaps, ref_gaps)
 
 
 def test_full_size_greedy_and_top20_match_reference(models, tol, logprob_error):
@@ -176,13 +177,14 @@ def test_full_size_greedy_and_top20_match_reference(models, tol, logprob_error):
     print(f"per step vs plain reference: {[round(e, 4) for e in a.plain_errors]}")
     print(f"CUDA {total_s - a.reference_s:.1f} s, reference (int8 + plain) {a.reference_s:.1f} s; "
           f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    # Steps at a routing near-tie of the oracle (TOLERANCES "route_near_tie") are reported, not counted.
-    tied = {i for i in a.over if a.gaps[i] < tol("route_near_tie")}
-    assert len(set(a.over) - tied) <= tol("discrete_flips_full"), (a.errors, a.greedy_flips, a.gaps)
-    # A systematic error at Flash shapes would raise every step, not a few: the mean is held to
-    # the per-step bound; every step (flips included) to the int8 guard.
-    assert mean <= bound, a.errors
-    assert max(a.errors) <= tol("int8_experts_vs_plain"), a.errors
+    # Free-running over 300 + 32 tokens the random model amplifies every difference, so the
+    # bound is relative to what the int8 rounding alone does to the reference on the same tokens
+    # (TOLERANCES "full_size_vs_rounding"); the absolute check is the one-step test below.
+    scale = tol("full_size_vs_rounding")
+    ref_mean = sum(a.ref_gaps) / len(a.ref_gaps)
+    assert len(a.greedy_flips) <= tol("discrete_flips_full"), a.greedy_flips
+    assert mean <= scale * ref_mean, (mean, ref_mean, a.errors)
+    assert max(a.errors) <= scale * max(a.ref_gaps), (a.errors, a.ref_gaps)
     assert plain_mean <= tol("int8_experts_vs_plain"), a.plain_errors
 
 
@@ -208,4 +210,7 @@ def test_full_size_one_step_from_the_reference_state(models, tol, logprob_error)
     print(f"one step from the reference state, {N_STEPS_SYNCED} steps: top-20 |Δ logprob| "
           f"{[round(e, 4) for e in errors]} (routing margins {[round(g, 5) for g in gaps]})")
     assert all(math.isfinite(e) for e in errors)
+    # H200: 0.018-0.052, median 0.03 (routing pinned); a step at an FP8/int8 code flip may pass the
+    # per-step bound, so the median is held to it and every step to the int8 guard.
     assert sorted(errors)[len(errors) // 2] <= tol("int8_official"), errors
+    assert max(errors) <= tol("int8_experts_vs_plain"), errors
