@@ -76,7 +76,7 @@ def _key_tile(raw_ptr, kv_ptr, comp_ptr, j, row, seen_raw, is_cur, seen_comp, dd
 
 @triton.jit
 def _attend_partial_kernel(q_ptr, raw_ptr, ring_pos_ptr, kv_ptr, pos_ptr, comp_ptr, idx_ptr,
-                           m_ptr, l_ptr, o_ptr, ratio, H, D, W, M, sqrt_d,
+                           m_ptr, l_ptr, o_ptr, ratio, H, W, M, sqrt_d, D: tl.constexpr,
                            HAS_COMP: tl.constexpr, HAS_IDX: tl.constexpr,
                            BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0)
@@ -103,7 +103,7 @@ def _attend_partial_kernel(q_ptr, raw_ptr, ring_pos_ptr, kv_ptr, pos_ptr, comp_p
     jr = j.to(tl.int64)
 
     acc = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in tl.static_range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         qt = tl.load(q_ptr + heads[:, None] * D + dd[None, :], mask=h_ok[:, None], other=0.0)
         kt = _key_tile(raw_ptr, kv_ptr, comp_ptr, jr, row, seen_raw, is_cur, seen_comp, dd, D, HAS_COMP)
@@ -114,14 +114,14 @@ def _attend_partial_kernel(q_ptr, raw_ptr, ring_pos_ptr, kv_ptr, pos_ptr, comp_p
     p = tl.exp(logits - tl.where(m == float("-inf"), 0.0, m)[:, None])
     tl.store(m_ptr + b * H + heads, m, mask=h_ok)
     tl.store(l_ptr + b * H + heads, tl.sum(p, axis=1), mask=h_ok)
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in tl.static_range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         kt = _key_tile(raw_ptr, kv_ptr, comp_ptr, jr, row, seen_raw, is_cur, seen_comp, dd, D, HAS_COMP)
         o = tl.dot(p, kt, input_precision="ieee")                                # [BLOCK_H, BLOCK_D]
         tl.store(o_ptr + (b * H + heads)[:, None] * D + dd[None, :], o, mask=h_ok[:, None])
     # The ring write; no program loads slot `slot` (masked above).
     if (b == 0) & (g == 0):
-        for d0 in range(0, D, BLOCK_D):
+        for d0 in tl.static_range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             tl.store(raw_ptr + slot * D + dd, tl.load(kv_ptr + dd))
 
@@ -169,7 +169,7 @@ def attend_decode(q, raw, ring_pos, kv, pos, comp, comp_idx, ratio, sinks) -> to
     out = torch.empty(n_heads, d, dtype=torch.float32, device=q.device)
     _attend_partial_kernel[(n_blocks, triton.cdiv(n_heads, block_h))](
         q, raw, ring_pos, kv, pos, comp if has_comp else raw, comp_idx if has_idx else ring_pos,
-        m, l, part, max(ratio, 1), n_heads, d, w, n_rows, math.sqrt(d),
+        m, l, part, max(ratio, 1), n_heads, w, n_rows, math.sqrt(d), D=d,
         HAS_COMP=has_comp, HAS_IDX=has_idx, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=NUM_WARPS)
     combine_d = min(COMBINE_D, d)
