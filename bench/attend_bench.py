@@ -41,7 +41,7 @@ def main() -> None:
     best = None
     for bn, bh, bd, nw in itertools.product((16, 32, 64), (16, 32, 64), (64, 128), (4,)):
         attend.BLOCK_N, attend.BLOCK_H, attend.BLOCK_D, attend.NUM_WARPS = bn, bh, bd, nw
-        attend.ALL_ROWS_BLOCKS = (bn, bh, bd)
+        attend.GATHERED_BLOCKS = (bn, bh, bd)
         try:
             us = {n: triton.testing.do_bench(lambda c=c: attend.attend_decode(**c)) * 1e3 for n, c in cases.items()}
         except Exception as e:            # out of shared memory / registers for this tile

@@ -37,15 +37,16 @@ import triton.language as tl
 
 from dwarfstar.model.attention import _attend
 
-BLOCK_N = 32      # keys per program
+BLOCK_N = 16      # keys per program
 BLOCK_H = 16      # heads per program (tl.dot needs >= 16)
-BLOCK_D = 64      # head-dim chunk of the dots
+BLOCK_D = 128     # head-dim chunk of the dots
 COMBINE_D = 128   # head-dim chunk of a combine program
 NUM_WARPS = 4
-# (BLOCK_N, BLOCK_H, BLOCK_D) when every compressed row is a key (ratio-128 layers): the H200
-# sweep of bench/attend_bench.py (docs/PERF.md) put (16, 32, 128) at 44 µs per call there vs
-# 67 µs for the defaults above, which stay best with the indexer's 512 gathered rows (39 µs).
-ALL_ROWS_BLOCKS = (16, 32, 128)
+# (BLOCK_N, BLOCK_H, BLOCK_D) when the compressed rows come by index (the indexer's top-k on
+# ratio-4 layers). H200 sweep of bench/attend_bench.py with the D loops unrolled (docs/PERF.md):
+# window only / every row (ratio 128) best at (16, 16, 128), 26-32 µs per call; gathered rows at
+# (16, 32, 128), 37 µs (the first setting measured 35-64 µs there).
+GATHERED_BLOCKS = (16, 32, 128)
 
 
 def attend_decode_ref(q, raw, ring_pos, kv, pos, comp, comp_idx, ratio, sinks) -> torch.Tensor:
@@ -154,7 +155,7 @@ def attend_decode(q, raw, ring_pos, kv, pos, comp, comp_idx, ratio, sinks) -> to
     assert pos.dtype == torch.int64 and pos.shape == (1,)
     has_comp = comp is not None
     has_idx = has_comp and comp_idx is not None
-    block_n, block_h, block_d = ALL_ROWS_BLOCKS if has_comp and not has_idx else (BLOCK_N, BLOCK_H, BLOCK_D)
+    block_n, block_h, block_d = GATHERED_BLOCKS if has_idx else (BLOCK_N, BLOCK_H, BLOCK_D)
     block_d = min(block_d, d)
     assert d % block_d == 0 and d % min(COMBINE_D, d) == 0, "head dim: a multiple of the D blocks"
     if has_comp:
