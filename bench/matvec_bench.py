@@ -53,6 +53,19 @@ CASES = [
 ]
 
 SWEEP_B1 = [(bn, bk, nw) for bn in (2, 4, 8) for bk in (512, 1024, 2048) for nw in (4, 8)]
+# --wide: the decode step's dense B = 1 shapes as production runs them (merged weights of
+# forward.SHARED_INPUT included) over a wider tiling grid.
+WIDE_CASES = [
+    ("q_a+kv", T.Q8_0, 1536, 4096, 1, False),
+    ("q_b", T.Q8_0, 32768, 1024, 1, False),
+    ("out_a (8 x 1024 rows)", T.Q8_0, 8192, 4096, 1, False),
+    ("out_b", T.Q8_0, 4096, 8192, 1, False),
+    ("shexp gate+up", T.Q8_0, 4096, 4096, 1, False),
+    ("shexp_down", T.Q8_0, 4096, 2048, 1, False),
+    ("compressors r4", T.F16, 2624, 4096, 1, False),
+    ("indexer_q_b", T.F16, 8192, 1024, 1, False),
+]
+SWEEP_WIDE = [(bn, bk, nw) for bn in (2, 4, 8, 16, 32) for bk in (256, 512, 1024, 2048) for nw in (2, 4, 8)]
 SWEEP_BN = [(bn, bk, nw) for bn in (2, 4, 8) for bk in (256, 512, 1024) for nw in (4, 8)]
 
 
@@ -91,11 +104,19 @@ def time_graph(calls, tiling) -> float:
     return 1000 * ms / LAUNCHES_PER_GRAPH
 
 
-def run_case(case, gen, read_gbps, quick):
+def run_case(case, gen, read_gbps, quick, sweep=None):
     calls, n_bytes = build(case, gen)
-    sweep = [(None, 256, 4)] if quick else (SWEEP_B1 if case[4] == 1 else SWEEP_BN)
+    sweep = sweep or ([(None, 256, 4)] if quick else (SWEEP_B1 if case[4] == 1 else SWEEP_BN))
     timed = [(time_graph(calls, t), t) for t in sweep]
     us, best = min(timed, key=lambda r: r[0])
+    if sweep is SWEEP_WIDE:
+        from dwarfstar.kernels import matvec as mv
+        from dwarfstar.kernels.repack import PlanarF16, PlanarQ8_0
+
+        kind = PlanarQ8_0 if case[1] == T.Q8_0 else PlanarF16
+        prod = mv._b1_tiling(kind.__new__(kind), case[2], case[3])
+        prod_us = time_graph(calls, prod)
+        print(f"  {case[0]}: production tiling {prod} {prod_us:.2f} us, best {best} {us:.2f} us", flush=True)
     gbps = n_bytes / us / 1e3
     return {"name": case[0], "type": case[1].name, "N": case[2], "K": case[3], "B": case[4],
             "routed": case[5], "bytes": n_bytes, "us": us, "gbps": gbps,
@@ -139,12 +160,13 @@ def projection(results) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="default tiling only, no sweep")
+    parser.add_argument("--wide", action="store_true", help="production dense shapes, wide tiling grid")
     args = parser.parse_args()
     ceilings = bandwidth.measure()
     gen = torch.Generator(device="cuda").manual_seed(1)
     results = []
-    for case in CASES:
-        results.append(run_case(case, gen, ceilings["read_gbps"], args.quick))
+    for case in (WIDE_CASES if args.wide else CASES):
+        results.append(run_case(case, gen, ceilings["read_gbps"], args.quick, SWEEP_WIDE if args.wide else None))
         r = results[-1]
         print(f"{r['name']:<16}{r['type']:<8}{r['N']:>7}x{r['K']:<6}B={r['B']} {r['bytes'] / 1e6:9.2f} MB "
               f"{r['us']:9.2f} us {r['gbps']:8.0f} GB/s {r['pct_read']:5.1f}%  best={r['best']}", flush=True)

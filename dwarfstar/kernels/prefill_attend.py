@@ -86,6 +86,9 @@ def attend_chunk(q, kv, ring, ring_pos, positions, comp, comp_mask, sinks, windo
     # so gather those per query instead of scoring all N_c rows.
     sparse = comp is not None and comp_k is not None and comp_k < n_comp
     tq = block_size(q.shape[1], window, comp_k if sparse else n_comp, max_bytes)
+    # Per-query rows are gathered from a copy already in the product dtype: the same values
+    # _attend_split would round them to, at half the gathered bytes and without a cast pass.
+    gather_from = comp.to(dtype) if sparse else None
     out = []
     for i0 in range(0, t, tq):
         i1 = min(t, i0 + tq)
@@ -99,7 +102,7 @@ def attend_chunk(q, kv, ring, ring_pos, positions, comp, comp_mask, sinks, windo
             # The (at most comp_k) visible chosen rows of each query first, stable.
             cm = comp_mask[i0:i1]
             idx = torch.sort(cm.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :comp_k]
-            out.append(_attend_split(q[i0:i1], torch.cat(keys), mask, comp[idx], cm.gather(1, idx), sinks,
+            out.append(_attend_split(q[i0:i1], torch.cat(keys), mask, gather_from[idx], cm.gather(1, idx), sinks,
                                      dtype))
             continue
         if comp is not None:
