@@ -224,7 +224,7 @@ def _weight_args(w: Planar) -> tuple[torch.Tensor, ...]:
 
 def _b1_tiling(w: Planar, n_rows: int, k: int) -> tuple[int, int, int]:
     """(block_n, block_k, num_warps) for one column: the winners of bench/matvec_bench.py's
-    sweep on H100 (docs/PERF.md, 2026-11-23 table) by shape class. Few rows: long K tiles,
+    sweeps (H100 table, then the H200 --wide sweep; docs/PERF.md) by shape class. Few rows: long K tiles,
     many warps (fewer, fuller programs); the vocab head: 8 x 2048; else 8 x 512 (K <= 4096)
     or 4 x 1024."""
     if isinstance(w, (PlanarQ8_0, PlanarF16)):
@@ -233,8 +233,13 @@ def _b1_tiling(w: Planar, n_rows: int, k: int) -> tuple[int, int, int]:
             return (2 if n_rows <= 1024 else 4), min(2048, triton.next_power_of_2(k)), (4 if f16 else 8)
         if n_rows >= 65536:
             return 8, 2048, 4
+        # H200 wide sweep of the production shapes (bench/matvec_bench.py --wide, docs/PERF.md):
+        # merged F16 compressors 2624 x 4096 best at (2, 2048, 2), the indexer's 8192 x 1024 at
+        # (8, 512, 4); Q8_0 up to 4096 rows (shared gate+up, down) at (4, 1024, 4).
         if f16:
-            return 2, min(1024, triton.next_power_of_2(k)), 4
+            return (2, 2048, 2) if k >= 4096 else (8, 512, 4)
+        if n_rows <= 4096:
+            return 4, 1024, 4
         return (8, 512, 4) if k <= 4096 else (4, 1024, 4)
     return 2, 1024 if k <= 2048 else 2048, 8
 
