@@ -12,7 +12,10 @@ Contract:
   angle -phi). Works in place on a contiguous x (the forward never reuses an unrotated
   tensor) and returns it. About 14 torch launches in apply_rope, one here. Positions < 0
   use row 0 (their rows are discarded by the caller).
-Both differ from their twins (`rms_norm_ref`, `rope_ref`) by fp32 rounding only (sum order,
+- `norm_rope(x, weight, eps, positions, cos, sin)`: x float32 [T, ..., D] -> rope(rms_norm(x,
+  weight, eps), positions, cos, sin) in one launch (one program per row; the norm's sum is
+  formed as in `rms_norm`, then the same products), a new tensor. Twin: `norm_rope_ref`.
+All differ from their twins (`rms_norm_ref`, `rope_ref`) by fp32 rounding only (sum order,
 contraction into FMA).
 """
 
@@ -106,3 +109,57 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch
         _rope_kernel[(t, triton.cdiv(r, block_r))](x, positions, cos, sin, r, dv, dv - 2 * n_pairs,
                                                    NP=n_pairs, INVERSE=inverse, BLOCK_R=block_r, num_warps=2)
     return x
+
+
+@triton.jit
+def _norm_rope_kernel(x_ptr, w_ptr, y_ptr, pos_ptr, cos_ptr, sin_ptr, R, D, HEAD, eps,
+                      HAS_W: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)              # token t = row // R
+    base = row * D
+    offs = tl.arange(0, BLOCK)
+    m = offs < D
+    v = tl.load(x_ptr + base + offs, mask=m, other=0.0)
+    r = 1.0 / tl.sqrt_rn(tl.sum(v * v, axis=0) / D + eps)
+    y = v * r
+    if HAS_W:
+        y = y * tl.load(w_ptr + offs, mask=m, other=0.0)
+    tl.store(y_ptr + base + offs, y, mask=m & (offs < HEAD))
+    # The rotated pairs: reload the two halves of each pair, normalise them the same way.
+    p = tl.maximum(tl.load(pos_ptr + row // R), 0)
+    j = tl.arange(0, NP)
+    ia = HEAD + 2 * j
+    a = tl.load(x_ptr + base + ia) * r
+    b = tl.load(x_ptr + base + ia + 1) * r
+    if HAS_W:
+        a = a * tl.load(w_ptr + ia)
+        b = b * tl.load(w_ptr + ia + 1)
+    c = tl.load(cos_ptr + p * NP + j)
+    s = tl.load(sin_ptr + p * NP + j)
+    tl.store(y_ptr + base + ia, a * c - b * s)
+    tl.store(y_ptr + base + ia + 1, a * s + b * c)
+
+
+def norm_rope_ref(x, weight, eps: float, positions, omega) -> torch.Tensor:
+    """Twin of `norm_rope`: the reference norm, then the reference RoPE."""
+    return apply_rope(rms_norm_ref(x, weight, eps), positions, omega)
+
+
+def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, positions: torch.Tensor,
+              cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    assert x.dtype == torch.float32 and positions.dtype == torch.int64 and positions.shape == (x.shape[0],)
+    d, n_pairs = x.shape[-1], cos.shape[1]
+    assert cos.is_contiguous() and sin.is_contiguous() and cos.shape == sin.shape
+    assert n_pairs & (n_pairs - 1) == 0 and 2 * n_pairs <= d, "pairs per vector: a power of two, within D"
+    block = triton.next_power_of_2(d)
+    assert block <= 4 * NORM_BLOCK, "norm_rope holds one row in registers"
+    if weight is not None:
+        assert weight.dtype == torch.float32 and weight.is_contiguous() and weight.shape == (d,)
+    xc = x.contiguous()
+    y = torch.empty_like(xc)
+    rows = xc.numel() // d
+    per_token = rows // max(1, x.shape[0])
+    if rows:
+        _norm_rope_kernel[(rows,)](xc, weight if weight is not None else xc, y, positions, cos, sin,
+                                   per_token, d, d - 2 * n_pairs, eps, HAS_W=weight is not None,
+                                   BLOCK=block, NP=n_pairs, num_warps=4)
+    return y

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from dwarfstar.engine.cuda_state import CudaDecodeState, CudaLayerState
 from dwarfstar.kernels.attend import attend_decode
 from dwarfstar.kernels.compress import compress_pool, emit_row
+from dwarfstar.kernels.glue import norm_rope as glue_norm_rope
 from dwarfstar.kernels.glue import rms_norm as glue_rms_norm
 from dwarfstar.kernels.glue import rope as glue_rope
 from dwarfstar.kernels.glue import rope_table
@@ -261,6 +262,13 @@ class ForwardModel:
             last = self._last_merged = (merged, x, self.proj(merged, x))
         return last[2][:, r0:r1]
 
+    def norm_rope(self, x, weight, positions, omega) -> torch.Tensor:
+        """rope(norm(x, weight)): one launch with the glue kernels (query heads, the KV row)."""
+        if self.ops.glue:
+            cos, sin = self._rope_tables[id(omega)]
+            return glue_norm_rope(x, weight, self.config.norm_eps, positions, cos, sin)
+        return self.rope(self.norm(x, weight), positions, omega)
+
     def kv_rounding(self, row: torch.Tensor) -> torch.Tensor:
         n_nope = self.config.nope_head_dim
         if self.ops.glue and (self.numerics.fp8_kv or self.numerics.half_cache):
@@ -374,10 +382,9 @@ class ForwardModel:
         c, w = self.config, layer.w
         t, n_heads, d = h.shape[0], c.n_heads, c.head_dim
         qr = self.norm(self.proj_part(w["wq_a"], h), w["q_norm"])
-        q = self.norm(self.proj(w["wq_b"], qr).view(t, n_heads, d), None)
-        q = self.rope(q, positions, layer.omega)                            # [T, H, Dh]
-        kv = self.norm(self.proj_part(w["wkv"], h), w["kv_norm"])
-        kv = self.kv_rounding(self.rope(kv, positions, layer.omega))          # [T, Dh]
+        q = self.norm_rope(self.proj(w["wq_b"], qr).view(t, n_heads, d), None, positions, layer.omega)
+        kv = self.norm_rope(self.proj_part(w["wkv"], h), w["kv_norm"], positions, layer.omega)
+        kv = self.kv_rounding(kv)                                            # [T, Dh]
         if chunk_t0 is None and self.ops.glue:
             o = self.attend_step(h, qr, q, kv, positions, layer, s, state)      # [1, H, Dh]
             o = self.rope(o, positions, layer.omega, inverse=True)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dwarfstar.kernels.glue import rms_norm, rope, rope_table
+from dwarfstar.kernels.glue import norm_rope, norm_rope_ref, rms_norm, rope, rope_table
 from dwarfstar.model.numerics import rms_norm as rms_norm_ref
 from dwarfstar.model.rope import apply_rope
 from dwarfstar.model.rope import rope_frequencies
@@ -39,3 +39,21 @@ def test_rope_matches_apply_rope(ratio, inverse):
         # Same float32 factors; the kernel may contract a*c - b*s into one FMA: 1-2 ulp.
         assert (got - want).abs().max().item() <= 4e-7 * want.abs().max().item()
         assert torch.equal(got[..., :-64], x[..., :-64])
+
+
+@pytest.mark.parametrize("shape,weighted", [((3, 4, 128), False), ((2, 96), True), ((1, 64, 512), False),
+                                            ((1, 512), True)])
+def test_norm_rope_matches_norm_then_rope(shape, weighted):
+    """One launch = rms_norm then rope: against the reference pair in float64 and against the two
+    glue kernels (same sum and products: equal up to FMA contraction)."""
+    omega = rope_frequencies(FLASH, 4).to(DEV)
+    cos, sin = rope_table(omega, 5000)
+    g = torch.Generator(device=DEV).manual_seed(shape[-1])
+    x = torch.randn(shape, generator=g, device=DEV) * 3
+    w = torch.randn(shape[-1], generator=g, device=DEV) if weighted else None
+    positions = torch.tensor([0, 4999, 7][:shape[0]], device=DEV)
+    got = norm_rope(x, w, 1e-6, positions, cos, sin)
+    want = norm_rope_ref(x.double(), None if w is None else w.double(), 1e-6, positions, omega.double())
+    assert _rel(got, want) < 1e-6
+    two = rope(rms_norm(x, w, 1e-6), positions, cos, sin)
+    assert (got - two).abs().max().item() <= 4e-7 * two.abs().max().item()
