@@ -138,8 +138,10 @@ def _check_greedy(engine, reference, tol, logprob_error):
           f"steps over {sorted(over)} (routing margins {[round(gaps[i], 5) for i in sorted(over)]}, "
           f"near-ties {sorted(tied)})")
     assert len(over - tied) <= tol("discrete_flips"), (errors, greedy_flips, gaps)
-    # A systematic error would raise every step, not a few.
-    assert sum(errors) / len(errors) <= bound, errors
+    # A systematic error would raise every step, not a few: the mean over the steps that are not
+    # excused near-ties is held to the per-step bound.
+    kept = [e for i, e in enumerate(errors) if i not in tied]
+    assert sum(kept) / len(kept) <= bound, errors
     assert max(errors) <= tol("int8_experts_vs_plain"), errors
     assert max(plain_errors) <= tol("int8_experts_vs_plain"), plain_errors
 
