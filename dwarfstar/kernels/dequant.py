@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dwarfstar.kernels.moe import iq2xxs_grid64
+from dwarfstar.kernels.moe import iq2xxs_grid64, iq2xxs_signed_words
 from dwarfstar.kernels.repack import (
     Planar, PlanarIQ2XXS, PlanarQ2K, PlanarQ4K, dequantize_planar, select_experts,
 )
@@ -63,17 +63,7 @@ def _dequant_kernel(p0, p1, p2, p3, p4, ids_ptr, out_ptr, n_sb, FMT: tl.constexp
         # IQ2_XXS: p0 words int32 [.., 16], p1 d fp16, p2 grid int64 [256] (8 bytes a row).
         wv = tl.load(p0 + g * 16 + tl.arange(0, 16)[None, :], mask=m2, other=0)
         gw, sw = tl.split(tl.reshape(wv, [BLOCK_SB, 8, 2]))                    # [BSB, 8] per group of 32
-        octet = tl.arange(0, 4)[None, None, :]
-        g8 = tl.load(p2 + ((gw[:, :, None] >> (8 * octet)) & 255))              # [BSB, 8, 4] int64
-        si = (sw[:, :, None] >> (7 * octet)) & 127
-        par = si ^ (si >> 4)
-        par = par ^ (par >> 2)
-        s8 = si | (((par ^ (par >> 1)) & 1) << 7)
-        # bit i of a nibble -> byte i (0 or 1); negative bytes become 256 - g (never carries)
-        m_lo = ((s8 & 15) * 0x00204081) & 0x01010101
-        m_hi = ((s8 >> 4) * 0x00204081) & 0x01010101
-        lo = (g8.to(tl.int32) ^ ((m_lo << 8) - m_lo)) + m_lo
-        hi = ((g8 >> 32).to(tl.int32) ^ ((m_hi << 8) - m_hi)) + m_hi
+        lo, hi = iq2xxs_signed_words(gw, sw, p2)                                # [BSB, 8, 4] int32
         w = tl.join(lo, hi)                                                     # [BSB, 8, 4, 2]
         b = tl.arange(0, 4)[None, None, None, None, :]
         q = (w[:, :, :, :, None] << (24 - 8 * b)) >> 24                         # [BSB, 8, 4, 2, 4] signed

@@ -42,15 +42,23 @@ def rope_ref(x, positions, omega_or_table, inverse: bool = False, omega=None):
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, D, eps, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    base = row * D
+def row_rsqrt(x_ptr, row, eps, D, BLOCK: tl.constexpr):
+    """rsqrt(mean(x[row]^2) + eps) of a [.., D] float32 row, summed BLOCK lanes at a time (the
+    RMS norm's scale; kernels/hc.py folds the same scale into the HC split)."""
+    base = row.to(tl.int64) * D
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for d0 in range(0, D, BLOCK):
         offs = d0 + tl.arange(0, BLOCK)
         v = tl.load(x_ptr + base + offs, mask=offs < D, other=0.0)
         acc += v * v
-    r = 1.0 / tl.sqrt_rn(tl.sum(acc, axis=0) / D + eps)
+    return 1.0 / tl.sqrt_rn(tl.sum(acc, axis=0) / D + eps)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, D, eps, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = row * D
+    r = row_rsqrt(x_ptr, row, eps, D, BLOCK)
     for d0 in range(0, D, BLOCK):
         offs = d0 + tl.arange(0, BLOCK)
         m = offs < D

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dwarfstar.kernels.glue import row_rsqrt
 from dwarfstar.model.hc import sinkhorn
 
 NORM_BLOCK = 1024
@@ -56,13 +57,7 @@ def hc_head_split_ref(mix, scale, base, eps: float, x=None, norm_eps: float = 0.
 def _row_scale(x_ptr, row, norm_eps, K, HAS_X: tl.constexpr, BLOCK: tl.constexpr):
     """rsqrt(mean(x[row]^2) + norm_eps) as glue._rms_norm_kernel computes it (1.0 without x)."""
     if HAS_X:
-        base = row.to(tl.int64) * K
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK):
-            offs = k0 + tl.arange(0, BLOCK)
-            v = tl.load(x_ptr + base + offs, mask=offs < K, other=0.0)
-            acc += v * v
-        r = 1.0 / tl.sqrt_rn(tl.sum(acc, axis=0) / K + norm_eps)
+        r = row_rsqrt(x_ptr, row, norm_eps, K, BLOCK)
     else:
         r = 1.0
     return r

@@ -160,17 +160,13 @@ def _quantize_act_kernel(a_ptr, words_ptr, scale_ptr, qsum_ptr, n, USE_ASM: tl.c
 
 
 @triton.jit
-def _sb_iq2_xxs(w_ptr, d_ptr, grid_ptr, rows, kb, KB, mask_n, words, scale, USE_ASM: tl.constexpr,
-                BLOCK_N: tl.constexpr):
-    """fp32 [BN]: dot of one IQ2_XXS super-block of BN rows with the quantised activations."""
-    base = (rows * KB + kb) * 16
-    wv = tl.load(w_ptr + base[:, None] + tl.arange(0, 16)[None, :], mask=mask_n[:, None], other=0)
-    gw, sw = tl.split(tl.reshape(wv, [BLOCK_N, 8, 2]))  # [BN, 8] grid / sign+scale words
+def iq2xxs_signed_words(gw, sw, grid_ptr):
+    """Grid words gw and sign+scale words sw [R, 8] of IQ2_XXS groups -> (lo, hi) int32 [R, 8, 4]:
+    each octet's 8 signed grid bytes as two words of 4 int8 (byte t = element t), read from the
+    int64 grid table (`iq2xxs_grid64`). The 8th sign is the parity of the 7 stored ones; a
+    negative byte g becomes 256 - g, which never carries (g <= 43)."""
     octet = tl.arange(0, 4)[None, None, :]
-    gi = (gw[:, :, None] >> (8 * octet)) & 255  # [BN, 8, 4]
-    g8 = tl.load(grid_ptr + gi)  # int64: the octet's 8 grid bytes
-    lo = g8.to(tl.int32)
-    hi = (g8 >> 32).to(tl.int32)
+    g8 = tl.load(grid_ptr + ((gw[:, :, None] >> (8 * octet)) & 255))  # int64: the octet's 8 grid bytes
     si = (sw[:, :, None] >> (7 * octet)) & 127
     par = si ^ (si >> 4)
     par = par ^ (par >> 2)
@@ -178,8 +174,19 @@ def _sb_iq2_xxs(w_ptr, d_ptr, grid_ptr, rows, kb, KB, mask_n, words, scale, USE_
     # bit i of a nibble -> byte i (0 or 1); no two partial products overlap
     m_lo = ((s8 & 15) * 0x00204081) & 0x01010101
     m_hi = ((s8 >> 4) * 0x00204081) & 0x01010101
-    lo = (lo ^ ((m_lo << 8) - m_lo)) + m_lo
-    hi = (hi ^ ((m_hi << 8) - m_hi)) + m_hi
+    lo = (g8.to(tl.int32) ^ ((m_lo << 8) - m_lo)) + m_lo
+    hi = ((g8 >> 32).to(tl.int32) ^ ((m_hi << 8) - m_hi)) + m_hi
+    return lo, hi
+
+
+@triton.jit
+def _sb_iq2_xxs(w_ptr, d_ptr, grid_ptr, rows, kb, KB, mask_n, words, scale, USE_ASM: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """fp32 [BN]: dot of one IQ2_XXS super-block of BN rows with the quantised activations."""
+    base = (rows * KB + kb) * 16
+    wv = tl.load(w_ptr + base[:, None] + tl.arange(0, 16)[None, :], mask=mask_n[:, None], other=0)
+    gw, sw = tl.split(tl.reshape(wv, [BLOCK_N, 8, 2]))  # [BN, 8] grid / sign+scale words
+    lo, hi = iq2xxs_signed_words(gw, sw, grid_ptr)
     x_lo, x_hi = tl.split(tl.reshape(words, [8, 4, 2]))  # [8, 4]
     isum = _dp4a(lo, x_lo[None, :, :], tl.zeros_like(lo), USE_ASM)
     isum = tl.sum(_dp4a(hi, x_hi[None, :, :], isum, USE_ASM), axis=2)  # [BN, 8] per group of 32
