@@ -116,8 +116,6 @@ class Ops:
 # reference (tests/cuda/test_cuda_gpu.py reports the margins), so it is on again.
 TRITON_OPS = Ops(matvec, expert_matvec, hc_split, _experts_int8(moe_gate_up, moe_down), True, True,
                  frozenset({"compress", "route", "index"}))
-# The pre-kernels/moe path (fp32 experts): the accuracy baseline of the int8 one.
-TRITON_FP32_MOE_OPS = Ops(matvec, expert_matvec, hc_split, _experts_fp32(expert_matvec), False, True)
 TWIN_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False)
 # Twins of the mat-vecs with the Triton glue (CPU interpreter checks of the glue wiring).
 TWIN_GLUE_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False, True)

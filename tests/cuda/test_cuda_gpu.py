@@ -1,7 +1,7 @@
 """CUDA backend on the GPU vs the reference, on a generated full-width 4-layer Flash GGUF.
 
-Oracle: model/reference.py run on the same GPU (torch default device = cuda) over weights
-dequantised by `dequantize_planar` (bit-exact with gguf's dequantisation, tests/kernels),
+Oracle: model/reference.py run on the same GPU (torch default device = cuda) over the engine's
+weights through model/planar_weights.py (`dequantize_planar` per use, bit-exact with gguf's),
 with the routed experts' inputs rounded to int8 as the decode kernels (kernels/moe.py) and
 the prefill (forward.int8_round) round them: `int8_oracle.int8_reference()`. The distance
 to the plain reference (the int8 rounding itself) is measured and guarded separately.
@@ -17,33 +17,13 @@ import torch
 
 from dwarfstar.engine.engine import Engine, EngineOptions
 from dwarfstar.gguf.synth import synthesize
-from dwarfstar.kernels.repack import dequantize_planar, select_experts
+from dwarfstar.model.planar_weights import planar_weights
 from dwarfstar.model.reference import ReferenceModel
-from dwarfstar.model.weights import Weights
 import int8_oracle
 from int8_oracle import int8_reference
 
 pytestmark = pytest.mark.gpu
 N_PROMPT, N_GREEDY = 300, 32
-
-
-class _PlanarSource:
-    """Reference weight source over the CUDA engine's GPU tensors."""
-
-    is_resident = False
-
-    def __init__(self, tensors):
-        self.t = tensors
-
-    def full(self, name):
-        t = self.t[name]
-        return t.float() if isinstance(t, torch.Tensor) else dequantize_planar(t)
-
-    def expert(self, name, e):
-        return dequantize_planar(select_experts(self.t[name], torch.tensor([e], device="cuda")))[0]
-
-    def ints(self, name):
-        return self.t[name]
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +34,7 @@ def engine(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(engine):
-    t = engine.model.t
-    shapes = {n: (tuple(v.shape) if isinstance(v, torch.Tensor) else v.shape) for n, v in t.items()}
-    return ReferenceModel(Weights(engine.config, _PlanarSource(t), shapes))
+    return ReferenceModel(planar_weights(engine.config, engine.model.t))
 
 
 def _prompt(n, seed=0):
