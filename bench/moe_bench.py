@@ -33,11 +33,13 @@ LIMIT, LAYERS = 10.0, 43
 QUANTS = {"q2": (T.IQ2_XXS, T.Q2_K), "q4": (T.Q4_K, T.Q4_K)}
 CASES = [("q2", 1), ("q2", 2), ("q2", 4), ("q4", 1), ("q4", 4)]
 SWEEP = [(bn, nw, ns) for bn in (4, 8, 16) for nw in (2, 4) for ns in (1, 2, 3)]
+# The down kernel also splits each expert's inputs (partials summed after the launch).
+DOWN_SWEEP = [(bn, nw, ns, sp) for bn in (8, 16, 32) for nw in (2, 4) for ns in (2, 3) for sp in (1, 2, 4)]
 
 
 def tiling(t) -> dict:
-    """Launcher keywords for a (block_n, num_warps, num_stages) triple; None = the default."""
-    return {k: v for k, v in zip(("block_n", "num_warps", "num_stages"), t) if v is not None}
+    """Launcher keywords for a (block_n, num_warps, num_stages[, splits]) tuple; None = the default."""
+    return {k: v for k, v in zip(("block_n", "num_warps", "num_stages", "splits"), t) if v is not None}
 
 
 def weights(quant, gen):
@@ -80,11 +82,11 @@ def run_quant(quant, n_toks, gen, read_gbps, quick):
         }
         best = {}
         for kind, (n_bytes, fn) in kinds.items():
-            sweep = [(None, None, None)] if quick else SWEEP
+            sweep = [(None, None, None)] if quick else DOWN_SWEEP if kind == "down" else SWEEP
             timed = [(time_graph([lambda ids=ids, t=t: fn(ids, t) for ids in sets]), t) for t in sweep]
-            us, tiling = min(timed)
-            best[kind] = tiling
-            rows.append(row(quant, kind, b, n_bytes, us, tiling, read_gbps, distinct))
+            us, best_t = min(timed)
+            best[kind] = best_t
+            rows.append(row(quant, kind, b, n_bytes, us, best_t, read_gbps, distinct))
         layer = [lambda ids=ids: (kinds["gate_up"][1](ids, best["gate_up"]), kinds["down"][1](ids, best["down"]))
                  for ids in sets]
         n_bytes = kinds["gate_up"][0] + kinds["down"][0]

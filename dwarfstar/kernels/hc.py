@@ -136,12 +136,23 @@ def hc_head_split(mix, scale, base, eps: float, x=None, norm_eps: float = 0.0):
 
 
 # ---- the stream mixes around a sublayer (one launch each) -----------------------------
-# `hc_post(f, x, post, m)`: f [T, D], x [T, n, D], post [T, n], m [T, n, n] ->
+# `hc_post(f, x, post, m, f_add=None)`: f [T, D], x [T, n, D], post [T, n], m [T, n, n] ->
 # post[t, j] f[t] + sum_i m[t, i, j] x[t, i]  [T, n, D] (model/hc.py hc_post; a torch
-# broadcast + einsum is 4-5 launches). `hc_weighted_sum(x, pre)` -> sum_i pre[t, i] x[t, i]
-# [T, D] (2 launches in torch). Both differ from their twins by fp32 summation order only.
+# broadcast + einsum is 4-5 launches). f may also be partial sums [T, P, D] (the routed
+# experts' per-expert outputs, kernels/moe.py moe_down_parts), summed here in order p = 0..,
+# and f_add [T, D] (the shared expert) added to them: no separate reduction or add launch.
+# `hc_weighted_sum(x, pre)` -> sum_i pre[t, i] x[t, i] [T, D] (2 launches in torch).
+# Both differ from their twins by fp32 summation order only.
 
-def hc_post_ref(f, x, post, m):
+def sublayer_out(f, f_add):
+    """The sublayer output hc_post mixes in: partials summed, f_add added."""
+    if f.dim() == 3:
+        f = f.sum(1)
+    return f if f_add is None else f + f_add
+
+
+def hc_post_ref(f, x, post, m, f_add=None):
+    f = sublayer_out(f, f_add)
     return post[:, :, None] * f[:, None, :] + torch.einsum("tij,tid->tjd", m, x)
 
 
@@ -150,7 +161,8 @@ def hc_weighted_sum_ref(x, pre):
 
 
 @triton.jit
-def _hc_post_kernel(f_ptr, x_ptr, post_ptr, m_ptr, y_ptr, D, N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _hc_post_kernel(f_ptr, add_ptr, x_ptr, post_ptr, m_ptr, y_ptr, D, N: tl.constexpr, P: tl.constexpr,
+                    HAS_ADD: tl.constexpr, BLOCK_D: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = offs < D
@@ -158,7 +170,11 @@ def _hc_post_kernel(f_ptr, x_ptr, post_ptr, m_ptr, y_ptr, D, N: tl.constexpr, BL
     x = tl.load(x_ptr + (t * N + i[:, None]) * D + offs[None, :], mask=mask[None, :], other=0.0)   # [n(i), BD]
     m_t = tl.load(m_ptr + t * N * N + i[None, :] * N + i[:, None])                                  # [n(j), n(i)]
     mixed = tl.sum(m_t[:, :, None] * x[None, :, :], axis=1)                                         # [n(j), BD]
-    f = tl.load(f_ptr + t * D + offs, mask=mask, other=0.0)
+    f = tl.load(f_ptr + t * P * D + offs, mask=mask, other=0.0)
+    for p in tl.static_range(1, P):
+        f += tl.load(f_ptr + (t * P + p) * D + offs, mask=mask, other=0.0)
+    if HAS_ADD:
+        f += tl.load(add_ptr + t * D + offs, mask=mask, other=0.0)
     post = tl.load(post_ptr + t * N + i)
     y = post[:, None] * f[None, :] + mixed
     tl.store(y_ptr + (t * N + i[:, None]) * D + offs[None, :], y, mask=mask[None, :])
@@ -186,12 +202,15 @@ def _check_streams(x, *small):
 HC_BLOCK_D = 512
 
 
-def hc_post(f, x, post, m):
+def hc_post(f, x, post, m, f_add=None):
     f = f.contiguous()
-    t, n = _check_streams(x, f, post, m)
+    t, n = _check_streams(x, f, post, m, *(() if f_add is None else (f_add,)))
     d = x.shape[2]
+    assert f.shape[-1] == d and f.dim() in (2, 3), "f: [T, D] or partials [T, P, D]"
     y = torch.empty_like(x)
-    _hc_post_kernel[(t, triton.cdiv(d, HC_BLOCK_D))](f, x, post, m, y, d, N=n, BLOCK_D=HC_BLOCK_D, num_warps=4)
+    _hc_post_kernel[(t, triton.cdiv(d, HC_BLOCK_D))](
+        f, f if f_add is None else f_add, x, post, m, y, d, N=n, P=f.shape[1] if f.dim() == 3 else 1,
+        HAS_ADD=f_add is not None, BLOCK_D=HC_BLOCK_D, num_warps=4)
     return y
 
 

@@ -10,7 +10,8 @@ Contract:
   mid float32 [B, K, F] = weights[b, k] * silu(min(g, limit)) * clamp(v, -limit, limit),
   g = W_gate[ids[b, k]] x_q[b], v = W_up[ids[b, k]] x_q[b]; no clamp when limit <= 0.
 - `moe_down(down, mid, ids)`: down planar [E, D, F], mid float32 [B, K, F] ->
-  y float32 [B, D] = sum_k W_down[ids[b, k]] mid_q[b, k].
+  y float32 [B, D] = sum_k W_down[ids[b, k]] mid_q[b, k]. `moe_down_parts` returns the
+  partials [B, K * splits, D] (per expert and input range) for a consumer to sum.
 - `moe_decode(...)` = moe_down(moe_gate_up(...)). All take an optional preallocated `out`
   (static addresses for CUDA graphs), never sync, read only the selected experts.
 - Activations are quantised by a small kernel (`quantize_act`) that each launcher runs first
@@ -29,7 +30,9 @@ four int8 weights that line up with four consecutive activations, then multiplie
 - IQ2_XXS: one 8-byte gather per octet from a 2 KB int64 grid table (each byte one grid
   value 8/25/43); signs come from the 7 stored bits + parity, spread to byte masks by a
   multiply (bit i -> byte i), applied as (g ^ 0xFF..) + 1 per negative byte (never carries:
-  ~43 + 1 < 256).
+  ~43 + 1 < 256). (A 1 KB table of sign byte masks instead of the parity and multiply ran
+  the gate/up kernel 23 % slower on the H200: a second gather per octet costs more than the
+  arithmetic it saves.)
 - Q2_K: byte 32h + l holds elements 128h + 32s + l in bit pair s, so (word >> 2s) & 0x03..
   is four consecutive codes; Q4_K: (word >> 4n) & 0x0F.. likewise. Mins use the per-16/32
   sums of the quantised activations.
@@ -38,6 +41,7 @@ four int8 weights that line up with four consecutive activations, then multiplie
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
@@ -54,11 +58,16 @@ from dwarfstar.shape import QK_K
 QBLOCK = 32
 FMT = {PlanarIQ2XXS: 1, PlanarQ2K: 2, PlanarQ4K: 3}
 # Defaults = the q2 B = 1 winners of bench/moe_bench.py's sweep on H200 (docs/PERF.md,
-# 2026-11-24): gate/up (8, 2 warps, 3 stages), down (16, 2, 3).
+# 2026-11-24): gate/up (8, 2 warps, 3 stages); down with one program per expert and input
+# half (2026-11-23, second sweep): (32, 2, 2), 2 splits — 12.9 µs incl. its quantise launch
+# and the partial sum, was 34 µs with one program per row block over all 6 experts.
 GATE_UP_BLOCK_N = 8
-DOWN_BLOCK_N = 16
+DOWN_BLOCK_N = 32
+# Input ranges per expert of the down kernel (partials summed by the consumer).
+DOWN_SPLITS = 2
 NUM_WARPS = 2
 NUM_STAGES = 3
+DOWN_STAGES = 2
 
 
 def quantize_act_ref(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,24 +300,26 @@ def _moe_gate_up_kernel(
 @triton.jit
 def _moe_down_kernel(
     p0, p1, p2, p3, ids_ptr, mw_ptr, ms_ptr, mq_ptr, y_ptr, D, F,
-    FMT: tl.constexpr, K: tl.constexpr, USE_ASM: tl.constexpr, BLOCK_N: tl.constexpr,
+    FMT: tl.constexpr, SPLITS: tl.constexpr, USE_ASM: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Program (i, b): rows i*BN.. of token b, summed over its K experts."""
+    """Program (i, p): rows i*BN.. of partial p = slot * SPLITS + c, slot s = b*K + k: the
+    c-th 1/SPLITS of expert ids[s]'s inputs. One program per (expert, input range) keeps
+    enough of them in flight at B = 1 (one program per row block summing all K experts
+    left most of the GPU idle); the launcher sums the partials in a fixed order."""
     pid_n = tl.program_id(0)
-    b = tl.program_id(1)
+    part = tl.program_id(1)
+    slot = (part // SPLITS).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < D
     KB = F // 256
+    kb_per = KB // SPLITS
+    e = tl.load(ids_ptr + slot).to(tl.int64)
+    rows = tl.where(mask_n, e * D + offs_n, 0)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    # One flat loop over (expert, super-block): a single loop the compiler can pipeline.
-    for i in range(0, K * KB):
-        slot = (b * K + i // KB).to(tl.int64)
-        kb = i % KB
-        e = tl.load(ids_ptr + slot).to(tl.int64)
-        rows = tl.where(mask_n, e * D + offs_n, 0)
+    for kb in range((part % SPLITS) * kb_per, (part % SPLITS + 1) * kb_per):
         words, scale, qsum = _load_act(mw_ptr, ms_ptr, mq_ptr, slot, kb, KB)
         acc += _sb_dot(p0, p1, p2, p3, rows, kb, KB, mask_n, words, scale, qsum, FMT, USE_ASM, BLOCK_N)
-    tl.store(y_ptr + b.to(tl.int64) * D + offs_n, acc, mask=mask_n)
+    tl.store(y_ptr + part.to(tl.int64) * D + offs_n, acc, mask=mask_n)
 
 
 def _weight_args(w: Planar) -> tuple[torch.Tensor, ...]:
@@ -375,25 +386,36 @@ def moe_gate_up(gate: Planar, up: Planar, x: torch.Tensor, ids: torch.Tensor, we
     return out
 
 
-def moe_down(down: Planar, mid: torch.Tensor, ids: torch.Tensor, out: torch.Tensor | None = None,
-             block_n: int = DOWN_BLOCK_N, num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
-             use_asm: bool | None = None) -> torch.Tensor:
-    """y [B, D] = sum_k W_down[ids[b, k]] mid[b, k]."""
+def moe_down_parts(down: Planar, mid: torch.Tensor, ids: torch.Tensor, block_n: int = DOWN_BLOCK_N,
+                   num_warps: int = NUM_WARPS, num_stages: int = DOWN_STAGES, use_asm: bool | None = None,
+                   splits: int = DOWN_SPLITS) -> torch.Tensor:
+    """Partials [B, K * splits, D] of `moe_down`, one per expert and input range; their sum
+    over dim 1 is y. A consumer that reads y anyway sums them there (kernels/hc.py hc_post)."""
     _, d, f = down.shape
     assert mid.dtype == torch.float32 and mid.is_contiguous() and mid.dim() == 3 and mid.shape[2] == f, \
         "mid: float32 [B, K, F] contiguous"
     k = _check_routing(ids, mid.shape[0], mid.device)
     assert mid.shape[1] == k, "mid and ids disagree on K"
-    if out is None:
-        out = torch.empty(mid.shape[0], d, dtype=torch.float32, device=mid.device)
-    assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (mid.shape[0], d)
+    splits = math.gcd(splits, f // QK_K)  # whole super-blocks per range (tiny test shapes: 1)
     use_asm = mid.is_cuda if use_asm is None else use_asm
-    grid = (triton.cdiv(d, block_n), mid.shape[0])
+    parts = torch.empty(mid.shape[0], k * splits, d, dtype=torch.float32, device=mid.device)
+    grid = (triton.cdiv(d, block_n), mid.shape[0] * k * splits)
     _moe_down_kernel[grid](
-        *_weight_args(down), ids, *quantize_act(mid.reshape(-1, f), use_asm), out, d, f,
-        FMT=FMT[type(down)], K=k, USE_ASM=use_asm, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+        *_weight_args(down), ids, *quantize_act(mid.reshape(-1, f), use_asm), parts, d, f,
+        FMT=FMT[type(down)], SPLITS=splits, USE_ASM=use_asm, BLOCK_N=block_n, num_warps=num_warps,
+        num_stages=num_stages,
     )
-    return out
+    return parts
+
+
+def moe_down(down: Planar, mid: torch.Tensor, ids: torch.Tensor, out: torch.Tensor | None = None,
+             **tiling) -> torch.Tensor:
+    """y [B, D] = sum_k W_down[ids[b, k]] mid[b, k] (the partials of `moe_down_parts`, summed)."""
+    parts = moe_down_parts(down, mid, ids, **tiling)
+    if out is None:
+        out = torch.empty(parts.shape[0], parts.shape[2], dtype=torch.float32, device=mid.device)
+    assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (parts.shape[0], parts.shape[2])
+    return torch.sum(parts, 1, out=out)
 
 
 def moe_decode(gate: Planar, up: Planar, down: Planar, x: torch.Tensor, ids: torch.Tensor,

@@ -72,6 +72,26 @@ def test_hc_post_and_weighted_sum_match_twins(t, d):
     assert ((got.double() - want).norm() / want.norm()).item() < 1e-6
 
 
+@pytest.mark.parametrize("t,parts", [(1, 12), (2, 3)])
+def test_hc_post_sums_partials_and_shared(t, parts):
+    """f as routed-expert partials [T, P, D] plus the shared expert's [T, D]: the kernel sums
+    them itself; against the float64 sum of the same terms (fp32 order only: ~1e-7)."""
+    from dwarfstar.kernels.hc import hc_post, hc_post_ref
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=dev).manual_seed(parts)
+    n, d = 4, 520
+    f = torch.randn(t, parts, d, generator=g, device=dev)
+    shared = torch.randn(t, d, generator=g, device=dev)
+    x = torch.randn(t, n, d, generator=g, device=dev)
+    post = torch.rand(t, n, generator=g, device=dev) * 2
+    m = torch.rand(t, n, n, generator=g, device=dev)
+    got = hc_post(f, x, post, m, shared)
+    want = hc_post_ref(f.double().sum(1) + shared.double(), x.double(), post.double(), m.double())
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-6
+    assert torch.equal(hc_post_ref(f, x, post, m, shared), hc_post_ref(f.sum(1) + shared, x, post, m))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 4])
 def test_hc_chain_flash_shape(t, tol):
