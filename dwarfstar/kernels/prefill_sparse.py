@@ -13,7 +13,8 @@ Contract:
   Keys of query t at position p, which double as values:
   ring slot j iff p - W < ring_pos[j] <= p and ring_pos[j] >= 0; chunk row j iff
   p - W < positions[j] <= p (so j <= t); compressed row c = comp_idx[t, i] (or every c when
-  comp_idx is None) iff 0 <= c < (p + 1) // ratio, the rows emitted up to p — an index list
+  comp_idx is None) iff 0 <= c < min((p + 1) // ratio, N_c), the rows emitted up to p that
+  comp holds (the engine passes its whole capacity, so N_c never cuts) — an index list
   may hold rows the query cannot see yet (the indexer's top-k over -inf scores) and they are
   masked here, not by the caller. logits = q.k / sqrt(D), one softmax over the visible keys
   plus a per-head sink logit carrying no value: model/attention._attend, the same function as
@@ -40,9 +41,12 @@ import triton.language as tl
 
 from dwarfstar.kernels.prefill_attend import attend_chunk
 
+# H200 sweep at Flash shapes (4096 queries at position 12288; BLOCK_H 16/32/64 x BLOCK_N 16/32/64
+# x 4/8 warps, 2 stages): (32, 32, 4) best for both ratio 4 (512 indexed rows: 2.4 ms, attend_chunk
+# fp16 17.5 ms) and ratio 128 (96-128 rows: 1.3 ms, attend_chunk fp16 10.1 ms); 8 warps 1.3-2x slower.
 BLOCK_H = 32      # heads per program (tl.dot needs >= 16)
 BLOCK_N = 32      # key rows per online-softmax step
-NUM_WARPS = 8
+NUM_WARPS = 4
 NUM_STAGES = 2
 
 
@@ -92,7 +96,7 @@ def _rows(ptr, rows, ok, dd, D: tl.constexpr, DOT_DTYPE: tl.constexpr):
 
 @triton.jit
 def _prefill_sparse_kernel(q_ptr, kv_ptr, ring_ptr, ring_pos_ptr, pos_ptr, comp_ptr, idx_ptr, sinks_ptr, out_ptr,
-                           H, R, W, K, ratio, sqrt_d, D: tl.constexpr, HAS_COMP: tl.constexpr,
+                           H, R, W, K, N_C, ratio, sqrt_d, D: tl.constexpr, HAS_COMP: tl.constexpr,
                            HAS_IDX: tl.constexpr, DOT_DTYPE: tl.constexpr,
                            BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
     g = tl.program_id(0)
@@ -124,7 +128,7 @@ def _prefill_sparse_kernel(q_ptr, kv_ptr, ring_ptr, ring_pos_ptr, pos_ptr, comp_
         acc, m_i, l_i = _online_step(acc, m_i, l_i, qt, _rows(kv_ptr, j, ok, dd, D, DOT_DTYPE), ok, sqrt_d,
                                      DOT_DTYPE)
     if HAS_COMP:
-        n_vis = (p + 1) // ratio
+        n_vis = tl.minimum((p + 1) // ratio, N_C)
         if HAS_IDX:
             for c0 in range(0, K, BLOCK_N):
                 c = c0 + nn
@@ -178,7 +182,7 @@ def attend_prefill(q, kv, ring, ring_pos, positions, comp, comp_idx, ratio, sink
     block_h = min(block_h, max(16, triton.next_power_of_2(n_heads)))
     _prefill_sparse_kernel[(triton.cdiv(n_heads, block_h), t)](
         q.contiguous(), kv, ring, ring_pos.contiguous(), positions.contiguous(), comp, comp_idx,
-        sinks.float().contiguous(), out, n_heads, r, window, k, max(ratio, 1), math.sqrt(d), D=d,
-        HAS_COMP=has_comp, HAS_IDX=has_idx, DOT_DTYPE=_DOT_DTYPES[dtype], BLOCK_H=block_h, BLOCK_N=block_n,
+        sinks.float().contiguous(), out, n_heads, r, window, k, comp.shape[0], max(ratio, 1), math.sqrt(d),
+        D=d, HAS_COMP=has_comp, HAS_IDX=has_idx, DOT_DTYPE=_DOT_DTYPES[dtype], BLOCK_H=block_h, BLOCK_N=block_n,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return out

@@ -60,9 +60,9 @@ def _rel(a, b):
 
 # (T, t0, N_c, k, ratio, H): ratio 4 by index from an empty ring (t0 = 0) and a partly filled one
 # (t0 = 5 < W); a wrapped ring with a stale slot; ratio 4 with no index list (N_c <= top-k: every
-# emitted row); ratio 128 across a row boundary (p + 1 = 1024) with a row never visible; ratio 0;
-# H = 24 (a partial head block).
-CASES = [(20, 0, 12, 4, 4, 16), (20, 5, 12, 4, 4, 16), (19, 30, 14, 4, 4, 16), (20, 9, 7, 0, 4, 16),
+# emitted row; here fewer held than emitted, so N_c cuts); ratio 128 across a row boundary
+# (p + 1 = 1024) with a row never visible; ratio 0; H = 24 (a partial head block).
+CASES = [(20, 0, 12, 4, 4, 16), (20, 5, 12, 4, 4, 16), (19, 30, 14, 4, 4, 16), (20, 9, 6, 0, 4, 16),
          (20, 1015, 9, 0, 128, 16), (21, 3, 0, 0, 0, 16), (20, 13, 10, 4, 4, 24)]
 
 
@@ -99,7 +99,8 @@ def test_small_blocks_and_head_blocks(tol, single_thread):
 def test_flash_shapes_gpu(ratio, tol):
     """Flash attention shapes (64 heads x 512, window 128), a 512-query chunk with 1024 compressed
     rows: ratio 4 with 512 indices per query (positions where (p+1)//4 crosses 1024, so some
-    indices are not yet visible), ratio 128 late in a long context, ratio 0. fp16 tl.dot vs the
+    indices are not yet visible), ratio 128 late in a long context ((p+1)//128 crosses 1024, so
+    the N_c cut matters), ratio 0. fp16 tl.dot vs the
     fp32 twin; float32 dots vs it too (fp32 order only)."""
     from dwarfstar.shape import FLASH
 
