@@ -15,8 +15,10 @@ Contract:
 - `norm_rope(x, weight, eps, positions, cos, sin)`: x float32 [T, ..., D] -> rope(rms_norm(x,
   weight, eps), positions, cos, sin) in one launch (one program per row; the norm's sum is
   formed as in `rms_norm`, then the same products), a new tensor. Twin: `norm_rope_ref`.
-All differ from their twins (`rms_norm_ref`, `rope_ref`) by fp32 rounding only (sum order,
-contraction into FMA).
+- `swiglu(g, v, limit)`: g, v float32 [R, F] -> silu(min(g, limit)) * clamp(v, -limit, limit)
+  (no clamp when limit <= 0), as model/moe.swiglu (up to 4 torch launches; the shared expert's).
+All differ from their twins (`rms_norm_ref`, `rope_ref`, model/moe.swiglu) by fp32 rounding only
+(sum order, contraction into FMA, the exp).
 """
 
 from __future__ import annotations
@@ -170,4 +172,27 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, position
         _norm_rope_kernel[(rows,)](xc, weight if weight is not None else xc, y, positions, cos, sin,
                                    per_token, d, d - 2 * n_pairs, eps, HAS_W=weight is not None,
                                    BLOCK=block, NP=n_pairs, num_warps=4)
+    return y
+
+
+@triton.jit
+def _swiglu_kernel(g_ptr, v_ptr, y_ptr, F, limit, HAS_LIMIT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < F
+    g = tl.load(g_ptr + row * F + offs, mask=mask, other=0.0)
+    v = tl.load(v_ptr + row * F + offs, mask=mask, other=0.0)
+    if HAS_LIMIT:
+        g = tl.minimum(g, limit)
+        v = tl.minimum(tl.maximum(v, -limit), limit)
+    tl.store(y_ptr + row * F + offs, g / (1.0 + tl.exp(-g)) * v, mask=mask)
+
+
+def swiglu(g: torch.Tensor, v: torch.Tensor, limit: float) -> torch.Tensor:
+    assert g.dtype == v.dtype == torch.float32 and g.shape == v.shape and g.dim() == 2
+    g, v = g.contiguous(), v.contiguous()
+    y = torch.empty_like(g)
+    r, f = g.shape
+    _swiglu_kernel[(r, triton.cdiv(f, NORM_BLOCK))](g, v, y, f, float(limit), HAS_LIMIT=limit > 0,
+                                                     BLOCK=NORM_BLOCK, num_warps=4)
     return y

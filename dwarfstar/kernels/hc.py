@@ -14,6 +14,9 @@ With x (float32 [T, K], the raw HC rows) the mix is the projection of the RAW ro
 HC RMS norm is folded in here: fn . (x rsqrt(mean(x^2) + norm_eps)) = (fn . x) rsqrt(...),
 so mix is scaled per row by rsqrt(mean(x^2) + norm_eps) (as numerics.rms_norm) before use;
 this saves the separate 16384-wide norm launch before each HC mat-vec.
+`hc_split_norm(mix, scale, base, n, iters, eps, x, norm_eps, weight)` -> (h, post, m): the
+same split, then h = rms_norm(sum_i pre_i x_i, weight) in the same program (the sublayer's
+input; ds4 fuses these too).
 `hc_head_split(mix, scale, base, eps, x=None, norm_eps=0.0)`: the output head's weights,
 mix [T, n] (or [S, T, n]) -> σ(scale0 mix' + base) + eps [T, n], mix' normed as above.
 The kernel's exp differs from torch's by an ulp or two, so results agree to ~1e-6 relative.
@@ -27,6 +30,7 @@ import triton.language as tl
 
 from dwarfstar.kernels.glue import row_rsqrt
 from dwarfstar.model.hc import sinkhorn
+from dwarfstar.model.numerics import rms_norm
 
 NORM_BLOCK = 1024
 
@@ -72,15 +76,41 @@ def _load_mix(mix_ptr, row, offs, T, M: tl.constexpr, S: tl.constexpr):
 
 
 @triton.jit
-def _hc_split_kernel(mix_ptr, scale_ptr, base_ptr, x_ptr, pre_ptr, post_ptr, m_ptr, eps, norm_eps, T, K,
-                     N: tl.constexpr, M: tl.constexpr, S: tl.constexpr, ITERS: tl.constexpr,
-                     FULL: tl.constexpr, HAS_X: tl.constexpr, BLOCK: tl.constexpr):
+def _weighted_norm(x_ptr, pre, w_ptr, h_ptr, row, norm_eps, K, N: tl.constexpr, BLOCK: tl.constexpr):
+    """h[row] = rms_norm(sum_i pre[i] x[row, i], w): u is written, then re-read and scaled by
+    the same program (same shapes and layout, so each thread re-reads its own stores)."""
+    D = K // N
+    row = row.to(tl.int64)
+    i = tl.arange(0, N)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK):
+        offs = d0 + tl.arange(0, BLOCK)
+        mask = offs < D
+        xv = tl.load(x_ptr + row * K + i[:, None] * D + offs[None, :], mask=mask[None, :], other=0.0)
+        u = tl.sum(pre[:, None] * xv, axis=0)
+        tl.store(h_ptr + row * D + offs, u, mask=mask)
+        acc += u * u
+    r = 1.0 / tl.sqrt_rn(tl.sum(acc, axis=0) / D + norm_eps)
+    for d0 in range(0, D, BLOCK):
+        offs = d0 + tl.arange(0, BLOCK)
+        mask = offs < D
+        u = tl.load(h_ptr + row * D + offs, mask=mask, other=0.0)
+        tl.store(h_ptr + row * D + offs, u * r * tl.load(w_ptr + offs, mask=mask, other=0.0), mask=mask)
+
+
+@triton.jit
+def _hc_split_kernel(mix_ptr, scale_ptr, base_ptr, x_ptr, pre_ptr, post_ptr, m_ptr, w_ptr, h_ptr, eps, norm_eps,
+                     T, K, N: tl.constexpr, M: tl.constexpr, S: tl.constexpr, ITERS: tl.constexpr,
+                     FULL: tl.constexpr, HAS_X: tl.constexpr, NORMED: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     r = _row_scale(x_ptr, row, norm_eps, K, HAS_X, BLOCK)
     i = tl.arange(0, N)
     s0 = tl.load(scale_ptr)
     a = s0 * (_load_mix(mix_ptr, row, i, T, M, S) * r) + tl.load(base_ptr + i)
-    tl.store(pre_ptr + row * N + i, 1.0 / (1.0 + tl.exp(-a)) + eps)
+    pre = 1.0 / (1.0 + tl.exp(-a)) + eps
+    tl.store(pre_ptr + row * N + i, pre)
+    if NORMED:
+        _weighted_norm(x_ptr, pre, w_ptr, h_ptr, row, norm_eps, K, N, BLOCK)
     if FULL:
         s1 = tl.load(scale_ptr + 1)
         s2 = tl.load(scale_ptr + 2)
@@ -108,25 +138,46 @@ def _check_mix(mix, x, scale, base):
     return s, t, width
 
 
-def _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, full):
+def _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, full, weight=None):
     s, t, width = _check_mix(mix, x, scale, base)
     dev = mix.device
     pre = torch.empty(t, n, dtype=torch.float32, device=dev)
     post = torch.empty(t, n, dtype=torch.float32, device=dev) if full else pre
     m = torch.empty(t, n, n, dtype=torch.float32, device=dev) if full else pre
     k = x.shape[1] if x is not None else 1
+    h = pre
+    if weight is not None:
+        assert x is not None and weight.dtype == torch.float32 and weight.shape == (k // n,), \
+            "the normed weighted sum needs the raw rows x [T, n D] and a weight [D]"
+        h = torch.empty(t, k // n, dtype=torch.float32, device=dev)
     block = min(NORM_BLOCK, triton.next_power_of_2(k))
     # 4 warps when the program also reads the 16384-wide row (64 KB), 1 for the n x n math.
-    _hc_split_kernel[(t,)](mix, scale, base, x if x is not None else mix, pre, post, m, eps, norm_eps, t, k,
-                           N=n, M=width, S=s, ITERS=iters, FULL=full, HAS_X=x is not None, BLOCK=block,
-                           num_warps=4 if x is not None else 1)
-    return pre, post, m
+    _hc_split_kernel[(t,)](mix, scale, base, x if x is not None else mix, pre, post, m,
+                           weight if weight is not None else pre, h, eps, norm_eps, t, k,
+                           N=n, M=width, S=s, ITERS=iters, FULL=full, HAS_X=x is not None,
+                           NORMED=weight is not None, BLOCK=block, num_warps=4 if x is not None else 1)
+    return (h if weight is not None else pre), post, m
 
 
 def hc_split(mix, scale, base, n: int, iters: int, eps: float, x=None, norm_eps: float = 0.0):
     width = mix.shape[-1]
     assert width == (2 + n) * n and n & (n - 1) == 0, f"mix width {width} for n = {n} (power of two)"
     return _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, True)
+
+
+def hc_split_norm(mix, scale, base, n: int, iters: int, eps: float, x, norm_eps: float, weight):
+    """`hc_split` with the raw rows x [T, n D], then the sublayer input in the same launch:
+    h = rms_norm(sum_i pre[t, i] x[t, i], weight, norm_eps) [T, D] -> (h, post, m). Saves the
+    weighted-sum and RMS-norm launches of each HC pre (two per layer side)."""
+    width = mix.shape[-1]
+    assert width == (2 + n) * n and n & (n - 1) == 0, f"mix width {width} for n = {n} (power of two)"
+    return _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, True, weight)
+
+
+def hc_split_norm_ref(mix, scale, base, n: int, iters: int, eps: float, x, norm_eps: float, weight):
+    pre, post, m = hc_split_ref(mix, scale, base, n, iters, eps, x, norm_eps)
+    u = hc_weighted_sum_ref(x.view(x.shape[0], n, -1), pre)
+    return rms_norm(u, weight, norm_eps), post, m
 
 
 def hc_head_split(mix, scale, base, eps: float, x=None, norm_eps: float = 0.0):

@@ -42,13 +42,16 @@ from dwarfstar.kernels.glue import norm_rope as glue_norm_rope
 from dwarfstar.kernels.glue import rms_norm as glue_rms_norm
 from dwarfstar.kernels.glue import rope as glue_rope
 from dwarfstar.kernels.glue import rope_table
-from dwarfstar.kernels.hc import hc_head_split, hc_head_split_ref, hc_post, hc_post_ref, hc_split, hc_split_ref
+from dwarfstar.kernels.glue import swiglu as glue_swiglu
+from dwarfstar.kernels.hc import hc_head_split, hc_head_split_ref, hc_post, hc_post_ref, hc_split, hc_split_norm
+from dwarfstar.kernels.hc import hc_split_ref
 from dwarfstar.kernels.hc import hc_weighted_sum, hc_weighted_sum_ref
 from dwarfstar.kernels.matvec import MAX_COLS, expert_matvec, expert_matvec_ref, matvec, matvec_ref
 from dwarfstar.kernels.matvec import cat_planar, matvec_split_k, split_planar
-from dwarfstar.kernels.moe import QBLOCK, moe_down, moe_down_ref, moe_gate_up, moe_gate_up_ref, quantize_act_ref
+from dwarfstar.kernels.moe import QBLOCK, moe_down_parts, moe_down_ref, moe_gate_up, moe_gate_up_ref, quantize_act_ref
 from dwarfstar.kernels.prefill_attend import attend_chunk, attend_dtype
 from dwarfstar.kernels.prefill_moe import gemm_dtype, matmul_f32, prefill_moe
+from dwarfstar.kernels.prefill_sparse import attend_prefill
 from dwarfstar.kernels.repack import Planar, dequantize_planar, select_experts
 from dwarfstar.kernels.rounding import hadamard_round, index_round, kv_round, stable_topk
 from dwarfstar.kernels.rounding import index_scores as index_scores_kernel
@@ -96,7 +99,8 @@ class Ops:
     """Kernel entry points: Triton launchers, or their twins (diagnostic CPU runs).
 
     `moe(w1, w3, w2, x [1, D], ids int32 [1, K], wts [1, K], limit) -> [1, D]` is the
-    routed-expert sum of one decode token.
+    routed-expert sum of one decode token, or its partials [1, P, D] (kernels/moe.py
+    moe_down_parts) that hc_post sums.
     """
 
     matvec: Callable
@@ -114,14 +118,14 @@ class Ops:
 # greedy GPU test over the bound with it; after its rework (libdevice softplus, exact int64
 # selection keys) the same steps went over with it off too, at routing near-ties of the
 # reference (tests/cuda/test_cuda_gpu.py reports the margins), so it is on again.
-TRITON_OPS = Ops(matvec, expert_matvec, hc_split, _experts_int8(moe_gate_up, moe_down), True, True,
+TRITON_OPS = Ops(matvec, expert_matvec, hc_split, _experts_int8(moe_gate_up, moe_down_parts), True, True,
                  frozenset({"compress", "route", "index"}))
 TWIN_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False)
 # Twins of the mat-vecs with the Triton glue (CPU interpreter checks of the glue wiring).
 TWIN_GLUE_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False, True)
 # The fused decode kernels on top (production candidate, see Ops.fused).
 FUSED_PARTS = frozenset({"compress", "route", "index"})
-TRITON_FUSED_OPS = Ops(matvec, expert_matvec, hc_split, _experts_int8(moe_gate_up, moe_down), True, True,
+TRITON_FUSED_OPS = Ops(matvec, expert_matvec, hc_split, _experts_int8(moe_gate_up, moe_down_parts), True, True,
                        FUSED_PARTS)
 TWIN_FUSED_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False, True,
                      FUSED_PARTS)
@@ -176,6 +180,10 @@ class ForwardModel:
         # id(part view) -> (merged weight, first row, end row); the last merged mat-vec result.
         self._part_of: dict[int, tuple[Planar, int, int]] = {}
         self._last_merged: tuple | None = None
+        # Decode runs two independent branches per sublayer on a second stream (`on_branch`);
+        # none off CUDA.
+        self._branch = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._forked = False
         for i in range(config.n_layers):
             r = config.compress_ratios[i]
             w = {f: tensors[f"blk.{i}.{g}"] for f, g in _GGUF_OF_FIELD.items() if f"blk.{i}.{g}" in tensors}
@@ -214,6 +222,30 @@ class ForwardModel:
                     r0 += n
 
     # ---- primitives -------------------------------------------------------------------
+    def on_branch(self, fn: Callable, *args):
+        """fn(*args) on the branch stream, after all work queued so far; `join_branch()` before
+        its result is used. Decode's small kernels leave most of the GPU idle one at a time:
+        the shared expert next to the routed ones and the compressors + indexer next to the
+        query heads overlap instead (as parallel branches of the captured graph).
+
+        Memory: tensors made here are used by the main stream only after the join, and the
+        next fork waits for the main stream, so the allocator's per-stream reuse of their
+        blocks is ordered after their last use; inputs are held by the caller until the join.
+        """
+        if self._branch is None:
+            return fn(*args)
+        self._branch.wait_stream(torch.cuda.current_stream())
+        self._forked = True
+        with torch.cuda.stream(self._branch):
+            return fn(*args)
+
+    def join_branch(self) -> None:
+        """Main stream waits for the branch, if a branch was forked since the last join (a
+        wait on a stream with no work in this capture would not be part of the graph)."""
+        if self._forked:
+            torch.cuda.current_stream().wait_stream(self._branch)
+            self._forked = False
+
     def reserve_positions(self, n: int) -> None:
         """RoPE tables for positions < n (call before capturing a step that reaches them)."""
         if not self.ops.glue:
@@ -284,7 +316,8 @@ class ForwardModel:
         return half_round(v) if (is_cached and self.numerics.half_cache) else v
 
     # ---- mHC --------------------------------------------------------------------------
-    def hc_pre(self, x, fn, scale, base):
+    def hc_pre(self, x, fn, scale, base, norm_weight):
+        """-> (the sublayer input norm(sum_i pre_i x_i, norm_weight) [T, D], post, m)."""
         c = self.config
         t, n, _ = x.shape
         rows = x.reshape(t, -1)                                      # [T, n D]
@@ -292,13 +325,17 @@ class ForwardModel:
             # The HC RMS norm folded into hc_split: the mat-vec reads the raw rows and hc_split
             # scales the mix by rsqrt(mean(rows^2) + eps) (one launch and a 64 KB pass fewer).
             mix = self.hc_mix(fn, rows)                              # [(S,) T, (2+n)n]
+            if self.ops.hc_split is hc_split and self.ops.glue:
+                # The weighted sum and the sublayer's RMS norm in the same launch.
+                return hc_split_norm(mix, scale, base, n, c.hc_sinkhorn_iters, c.hc_eps, rows, c.norm_eps,
+                                     norm_weight)
             pre, post, m = self.ops.hc_split(mix, scale, base, n, c.hc_sinkhorn_iters, c.hc_eps, rows, c.norm_eps)
         else:
             # Chunks keep the norm first: their dense projection may run in fp16, where the raw
             # residual rows could overflow.
             mix = self.proj(fn, self.norm(rows, None))
             pre, post, m = self.ops.hc_split(mix, scale, base, n, c.hc_sinkhorn_iters, c.hc_eps)
-        return self.hc_sum(x, pre), post, m
+        return self.norm(self.hc_sum(x, pre), norm_weight), post, m
 
     def hc_mix(self, fn: Planar, rows: torch.Tensor) -> torch.Tensor:
         """The HC mat-vec of T <= MAX_COLS raw rows: with the Triton mat-vec, split-K partials
@@ -308,8 +345,9 @@ class ForwardModel:
             return matvec_split_k(fn, rows)
         return self.proj(fn, rows)
 
-    def hc_post(self, f, x, post, m):
-        return (hc_post if self.ops.glue else hc_post_ref)(f, x, post, m)
+    def hc_post(self, f, x, post, m, f_add=None):
+        """f: the sublayer output [T, D] or its partials [T, P, D]; f_add [T, D] added to it."""
+        return (hc_post if self.ops.glue else hc_post_ref)(f, x, post, m, f_add)
 
     def hc_sum(self, x, weights):
         """sum_i weights[t, i] x[t, i]: [T, n, D] -> [T, D]."""
@@ -336,13 +374,14 @@ class ForwardModel:
 
     def block(self, x, tokens, positions, layer: Layer, s: CudaLayerState, state, chunk_t0):
         w, c = layer.w, self.config
-        u, post, m = self.hc_pre(x, w["hc_attn_fn"], w["hc_attn_scale"], w["hc_attn_base"])
-        f = self.attention(self.norm(u, w["attn_norm"]), positions, layer, s, state, chunk_t0)
+        h, post, m = self.hc_pre(x, w["hc_attn_fn"], w["hc_attn_scale"], w["hc_attn_base"], w["attn_norm"])
+        f = self.attention(h, positions, layer, s, state, chunk_t0)
         x = self.hc_post(f, x, post, m)
-        u, post, m = self.hc_pre(x, w["hc_ffn_fn"], w["hc_ffn_scale"], w["hc_ffn_base"])
-        h = self.norm(u, w["ffn_norm"])
-        f = self.moe_step(h, tokens, layer) if chunk_t0 is None else self.moe_chunk(h, tokens, layer)
-        return self.hc_post(f, x, post, m)
+        h, post, m = self.hc_pre(x, w["hc_ffn_fn"], w["hc_ffn_scale"], w["hc_ffn_base"], w["ffn_norm"])
+        if chunk_t0 is None:
+            routed, shared = self.moe_step(h, tokens, layer)
+            return self.hc_post(routed, x, post, m, shared)
+        return self.hc_post(self.moe_chunk(h, tokens, layer), x, post, m)
 
     def step(self, state: CudaDecodeState) -> None:
         """One graph-safe decode step for `state.token` at `state.pos`."""
@@ -380,13 +419,19 @@ class ForwardModel:
         c, w = self.config, layer.w
         t, n_heads, d = h.shape[0], c.n_heads, c.head_dim
         qr = self.norm(self.proj_part(w["wq_a"], h), w["q_norm"])
-        q = self.norm_rope(self.proj(w["wq_b"], qr).view(t, n_heads, d), None, positions, layer.omega)
         kv = self.norm_rope(self.proj_part(w["wkv"], h), w["kv_norm"], positions, layer.omega)
         kv = self.kv_rounding(kv)                                            # [T, Dh]
         if chunk_t0 is None and self.ops.glue:
-            o = self.attend_step(h, qr, q, kv, positions, layer, s, state)      # [1, H, Dh]
+            # Compressors and indexer on the branch stream while the query heads are projected.
+            comp = idx = None
+            if layer.ratio > 0:
+                comp, idx = self.on_branch(self.compressed_keys, h, qr, positions, layer, s, None, True)
+            q = self.norm_rope(self.proj(w["wq_b"], qr).view(t, n_heads, d), None, positions, layer.omega)
+            self.join_branch()
+            o = self.attend_step(q, kv, positions, layer, s, state, comp, idx)  # [1, H, Dh]
             o = self.rope(o, positions, layer.omega, inverse=True)
             return self.out_proj(o.reshape(t, c.o_groups, -1), w)
+        q = self.norm_rope(self.proj(w["wq_b"], qr).view(t, n_heads, d), None, positions, layer.omega)
         if chunk_t0 is not None:
             return self.attention_chunk(h, qr, q, kv, positions, layer, s, state, chunk_t0)
 
@@ -407,30 +452,38 @@ class ForwardModel:
         return self.out_proj(o.reshape(t, c.o_groups, -1), w)
 
     def attention_chunk(self, h, qr, q, kv, positions, layer: Layer, s: CudaLayerState, state, chunk_t0):
-        """Prefill attention through kernels/prefill_attend.py: query blocks (bounded logits), each
-        over the ring rows held before the chunk, its window band of the chunk and the compressed rows."""
+        """Prefill attention over the ring rows held before the chunk, the chunk's window band and
+        the compressed rows: kernels/prefill_sparse.py with fp16 products (CUDA), else the query
+        blocks of kernels/prefill_attend.py (bounded logits)."""
         c, w, t = self.config, layer.w, q.shape[0]
         ring, win = s.raw.clone(), c.window_size
         keep = positions[-win:]
         s.raw.index_copy_(0, keep % win, kv[-win:])
-        comp = comp_mask = None
-        if layer.ratio > 0:
-            comp, comp_mask = self.compressed_keys(h, qr, positions, layer, s, chunk_t0)
-        # Ratio-4 masks keep at most index_topk compressed rows per query: gathered per query.
-        comp_k = c.index_topk if layer.ratio == OVERLAP_RATIO else None
-        o = attend_chunk(q, kv, ring, state.ring_pos, positions, comp, comp_mask, w["attn_sink"], win,
-                         attend_dtype(q.device), comp_k=comp_k)
+        comp = comp_mask = idx = None
+        dtype = attend_dtype(q.device)
+        if dtype != torch.float32:
+            # CUDA, fp16 products: kernels/prefill_sparse.py in one launch, compressed rows by
+            # index (ratio 4) or every emitted row (ratio 128), visibility derived in the kernel.
+            # fp32 (CPU) keeps _attend's numerics through the query blocks below.
+            if layer.ratio > 0:
+                comp, idx = self.compressed_keys(h, qr, positions, layer, s, chunk_t0, as_indices=True)
+            o = attend_prefill(q, kv, ring, state.ring_pos, positions, comp, idx, layer.ratio, w["attn_sink"],
+                               win, dtype)
+        else:
+            if layer.ratio > 0:
+                comp, comp_mask = self.compressed_keys(h, qr, positions, layer, s, chunk_t0)
+            # Ratio-4 masks keep at most index_topk compressed rows per query: gathered per query.
+            comp_k = c.index_topk if layer.ratio == OVERLAP_RATIO else None
+            o = attend_chunk(q, kv, ring, state.ring_pos, positions, comp, comp_mask, w["attn_sink"], win,
+                             dtype, comp_k=comp_k)
         o = self.rope(o, positions, layer.omega, inverse=True)
         return self.out_proj(o.reshape(t, c.o_groups, -1), w)
 
-    def attend_step(self, h, qr, q, kv, pos, layer: Layer, s: CudaLayerState, state) -> torch.Tensor:
+    def attend_step(self, q, kv, pos, layer: Layer, s: CudaLayerState, state, comp, idx) -> torch.Tensor:
         """Decode attention through kernels/attend.py -> o [1, H, Dh]: the ring, this token's row
-        and the compressed rows are read in place (no key concatenation, no mask tensors) and
-        the kernel writes this token's ring slot; the compressors run first (rows emitted at
-        pos are visible to pos)."""
-        comp = idx = None
-        if layer.ratio > 0:
-            comp, idx = self.compressed_keys(h, qr, pos, layer, s, None, as_indices=True)
+        and the compressed rows (comp, idx from compressed_keys(as_indices=True), run first:
+        rows emitted at pos are visible to pos) are read in place (no key concatenation, no
+        mask tensors) and the kernel writes this token's ring slot."""
         return attend_decode(q[0], s.raw, state.ring_pos, kv, pos, comp, idx, layer.ratio,
                              layer.w["attn_sink"])[None]
 
@@ -452,8 +505,9 @@ class ForwardModel:
                         as_indices: bool = False):
         """Run the compressors, -> (rows [N_c, Dh], mask [T, N_c]) the queries may attend to.
 
-        `as_indices` (decode through kernels/attend.py): -> (all rows [cap, Dh], the selected
-        row indices [k_eff], or None for every row); the kernel derives visibility from pos.
+        `as_indices` (decode through kernels/attend.py, chunks through kernels/prefill_sparse.py):
+        -> (rows [cap | N_c, Dh], the selected row indices [k_eff] (decode) or [T, index_topk]
+        (chunk), or None for every row); the kernels derive visibility from the positions.
         """
         c, w, r = self.config, layer.w, layer.ratio
         comp = (w["compressor_wkv"], w["compressor_wgate"], w["compressor_ape"], w["compressor_norm"])
@@ -470,7 +524,7 @@ class ForwardModel:
         # The rows emitted before each query; kernels/attend.py with the fused (-inf masked)
         # scores needs none of it.
         visible = None
-        if not (as_indices and "index" in self.ops.fused):
+        if not (as_indices and chunk_t0 is None and "index" in self.ops.fused):
             visible = torch.arange(n_c, device=h.device)[None, :] < ((positions + 1) // r)[:, None]   # [T, N_c]
         if r != OVERLAP_RATIO:
             return rows, visible
@@ -479,7 +533,7 @@ class ForwardModel:
         self.compress(h, positions, chunk_t0, s.index_kv, s.index_score, s.index, idx_w, r, layer.omega,
                       lambda v: self.index_rounding(v, is_cached=True))
         if chunk_t0 is not None and n_c <= c.index_topk:
-            return rows, visible
+            return rows, None if as_indices else visible
         if chunk_t0 is None and "index" in self.ops.fused:
             score = self.index_scores_step(qr, h, positions, s.index, w, layer.omega)
         else:
@@ -487,6 +541,8 @@ class ForwardModel:
             score = score.masked_fill(~visible, float("-inf"))
         if chunk_t0 is not None:
             top = sort_topk(score, c.index_topk)                               # [T, k]
+            if as_indices:
+                return rows, top
             chosen = torch.zeros_like(visible).scatter_(1, top, True)
             return rows, chosen & visible
         # Decode: gather the k_eff best rows; when fewer are visible all of them are among
@@ -625,11 +681,13 @@ class ForwardModel:
 
     def shared(self, x, layer: Layer):
         w = layer.w
-        mid = swiglu(self.proj_part(w["shared_w1"], x), self.proj_part(w["shared_w3"], x), layer.swiglu_limit)
+        act = glue_swiglu if self.ops.glue and x.shape[0] <= MAX_COLS else swiglu
+        mid = act(self.proj_part(w["shared_w1"], x), self.proj_part(w["shared_w3"], x), layer.swiglu_limit)
         return self.proj(w["shared_w2"], mid)
 
     def moe_step(self, x, tokens, layer: Layer):
-        """Decode: the K selected experts (ops.moe), no host sync."""
+        """Decode: the K selected experts (ops.moe), no host sync -> (routed [1, D] or its
+        partials [1, P, D], shared expert [1, D]); hc_post adds them up."""
         c, w = self.config, layer.w
         if "route" in self.ops.fused:
             # kernels/route.py: scores, selection (or the hash table), weights in one launch.
@@ -638,8 +696,10 @@ class ForwardModel:
         else:
             sel, wts = self.route(x, tokens, layer, stable_topk)
             ids, wts = sel.to(torch.int32), wts.float().contiguous()           # [1, K]
+        shared = self.on_branch(self.shared, x, layer)
         y = self.ops.moe(w["w1"], w["w3"], w["w2"], x.contiguous(), ids, wts, layer.swiglu_limit)
-        return y + self.shared(x, layer)
+        self.join_branch()
+        return y, shared
 
     def moe_chunk(self, x, tokens, layer: Layer):
         """Prefill: (token, slot) pairs grouped by expert. On the GPU kernels/prefill_moe.py

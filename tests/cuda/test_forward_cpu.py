@@ -95,6 +95,7 @@ def test_int8_moe_step_matches_int8_oracle(model_path, tol):
     from int8_oracle import int8_expert_moe
 
     from dwarfstar.engine.cuda_engine import CudaEngine
+    from dwarfstar.kernels.hc import sublayer_out
     from dwarfstar.model.forward import TWIN_INT8_OPS
 
     ref = Engine.load(model_path, EngineOptions(backend="reference", ctx=64))
@@ -105,7 +106,7 @@ def test_int8_moe_step_matches_int8_oracle(model_path, tol):
             x = torch.randn(1, CONFIG.dim, generator=gen)
             tok = torch.tensor([token])
             want = int8_expert_moe(x, tok, ref.model.weights.layer(i), ref.config, torch.float32)
-            got = cu.model.moe_step(x, tok, layer)
+            got = sublayer_out(*cu.model.moe_step(x, tok, layer))   # routed (+ partials) + shared
             assert ((got - want).norm() / want.norm()).item() <= tol("moe_layer_int8"), (i, token)
 
 

@@ -111,3 +111,26 @@ def test_hc_chain_flash_shape(t, tol):
     want = hc_split_ref(mix, scale.double(), base.double(), n, 20, 1e-6)
     for a, b in zip(got, want):
         assert ((a.double() - b).norm() / b.norm()).item() < tol("fp32_matvec")
+
+
+@pytest.mark.parametrize("t,d", [(1, 1024), (2, 700)])
+def test_hc_split_norm_matches_twin(t, d):
+    """The split, then rms_norm(sum_i pre_i x_i, w) in the same launch, vs the float64 twin
+    (split, weighted sum, numerics.rms_norm): fp32 order and exp ulps only (~1e-6)."""
+    from dwarfstar.kernels.hc import hc_split_norm, hc_split_norm_ref
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=dev).manual_seed(t * d)
+    n, iters, eps, norm_eps = 4, 20, 1e-6, 1e-6
+    x = torch.randn(t, n * d, generator=g, device=dev) * 3
+    mix = torch.randn(3, t, (2 + n) * n, generator=g, device=dev)   # split-K partials
+    scale = torch.rand(3, generator=g, device=dev)
+    base = torch.randn((2 + n) * n, generator=g, device=dev)
+    weight = torch.rand(d, generator=g, device=dev) + 0.5
+    h = torch.full((t, d), float("nan"), device=dev)
+    got = hc_split_norm(mix, scale, base, n, iters, eps, x, norm_eps, weight)
+    want = hc_split_norm_ref(*(a.double() for a in (mix, scale, base)), n, iters, eps, x.double(), norm_eps,
+                             weight.double())
+    assert not torch.isnan(got[0]).any() and got[0].shape == h.shape
+    for a, b in zip(got, want):
+        assert ((a.double() - b).norm() / b.norm()).item() < 1e-6
