@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 from gguf.quants import IQ2_XXS
 
+from dwarfstar.kernels import moe_nvrtc
 from dwarfstar.kernels.repack import (
     Planar, PlanarIQ2XXS, PlanarQ2K, PlanarQ4K, dequantize_planar, select_experts,
 )
@@ -364,8 +365,9 @@ def moe_gate_up(gate: Planar, up: Planar, x: torch.Tensor, ids: torch.Tensor, we
                 limit: float, out: torch.Tensor | None = None, block_n: int = GATE_UP_BLOCK_N,
                 num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
                 use_asm: bool | None = None) -> torch.Tensor:
-    """mid [B, K, F] (see the module contract). use_asm: dp4a asm (default on CUDA) or the
-    plain-integer path (diagnostic; same integers)."""
+    """mid [B, K, F] (see the module contract). IQ2_XXS on CUDA runs moe_nvrtc.py's kernel
+    unless use_asm is given: dp4a asm or the plain-integer path of the Triton kernel
+    (diagnostics; same integers)."""
     assert type(gate) is type(up) and gate.shape == up.shape, "gate and up: one format, one shape"
     _, f, d = gate.shape
     assert x.dtype == torch.float32 and x.is_contiguous() and x.dim() == 2 and x.shape[1] == d, \
@@ -376,6 +378,9 @@ def moe_gate_up(gate: Planar, up: Planar, x: torch.Tensor, ids: torch.Tensor, we
     if out is None:
         out = torch.empty(x.shape[0], k, f, dtype=torch.float32, device=x.device)
     assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (x.shape[0], k, f)
+    if use_asm is None and moe_nvrtc.usable(gate, x):
+        # IQ2_XXS on CUDA: the CUDA C decoder with its tables in shared memory (moe_nvrtc.py).
+        return moe_nvrtc.gate_up(gate, up, *quantize_act(x)[:2], ids, weights, limit, out)
     use_asm = x.is_cuda if use_asm is None else use_asm
     grid = (triton.cdiv(f, block_n), x.shape[0] * k)
     _moe_gate_up_kernel[grid](

@@ -182,3 +182,18 @@ def test_moe_graph_replay_matches_eager(gen):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, moe_decode(gate, up, down, x, ids, weights, LIMIT))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_tok", [1, 3], ids=["B1", "B3"])
+def test_nvrtc_gate_up_equals_triton(n_tok, gen):
+    """The CUDA C IQ2_XXS gate/up (default on CUDA) and the Triton kernel: same integer dots,
+    fp32 sums in another order and expf vs tl.sigmoid -> within 1e-5 relative L2."""
+    _, gate = experts(T.IQ2_XXS, (256, 2048, 4096), gen)
+    _, up = experts(T.IQ2_XXS, (256, 2048, 4096), gen)
+    ids, weights = routing(n_tok, 6, 256, gen)
+    x = torch.randn(n_tok, 4096, generator=gen, device="cuda") * 0.3
+    got = moe_gate_up(gate, up, x, ids, weights, LIMIT, out=torch.full((n_tok, 6, 2048), float("nan"), device="cuda"))
+    want = moe_gate_up(gate, up, x, ids, weights, LIMIT, use_asm=True)
+    assert not got.isnan().any()
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
