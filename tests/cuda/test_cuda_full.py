@@ -210,7 +210,8 @@ def test_full_size_one_step_from_the_reference_state(models, tol, logprob_error)
     print(f"one step from the reference state, {N_STEPS_SYNCED} steps: top-20 |Δ logprob| "
           f"{[round(e, 4) for e in errors]} (routing margins {[round(g, 5) for g in gaps]})")
     assert all(math.isfinite(e) for e in errors)
-    # H200: 0.018-0.052, median 0.03 (routing pinned); a step at an FP8/int8 code flip may pass the
-    # per-step bound, so the median is held to it and every step to the int8 guard.
-    assert sorted(errors)[len(errors) // 2] <= tol("int8_official"), errors
+    # A step at an FP8/int8 code flip may pass the per-step bound, so the median is held to
+    # full_one_step_median (its measured spread under fp32-order-only changes) and every step
+    # to the int8 guard.
+    assert sorted(errors)[len(errors) // 2] <= tol("full_one_step_median"), errors
     assert max(errors) <= tol("int8_experts_vs_plain"), errors
