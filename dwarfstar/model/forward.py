@@ -421,17 +421,21 @@ class ForwardModel:
         qr = self.norm(self.proj_part(w["wq_a"], h), w["q_norm"])
         kv = self.norm_rope(self.proj_part(w["wkv"], h), w["kv_norm"], positions, layer.omega)
         kv = self.kv_rounding(kv)                                            # [T, Dh]
-        if chunk_t0 is None and self.ops.glue:
-            # Compressors and indexer on the branch stream while the query heads are projected.
-            comp = idx = None
-            if layer.ratio > 0:
-                comp, idx = self.on_branch(self.compressed_keys, h, qr, positions, layer, s, None, True)
-            q = self.norm_rope(self.proj(w["wq_b"], qr).view(t, n_heads, d), None, positions, layer.omega)
+        step = chunk_t0 is None and self.ops.glue
+        comp = idx = None
+        if step and layer.ratio > 0:
+            # Decode: the compressors and the indexer run first (rows emitted at pos are visible
+            # to pos), on the branch stream while the query heads are projected.
+            comp, idx = self.on_branch(self.compressed_keys, h, qr, positions, layer, s, None, True)
+        q = self.norm_rope(self.proj(w["wq_b"], qr).view(t, n_heads, d), None, positions, layer.omega)
+        if step:
             self.join_branch()
-            o = self.attend_step(q, kv, positions, layer, s, state, comp, idx)  # [1, H, Dh]
+            # kernels/attend.py reads the ring, this token's row and the compressed rows in place
+            # (no key concatenation, no mask tensors) and writes this token's ring slot.
+            o = attend_decode(q[0], s.raw, state.ring_pos, kv, positions, comp, idx, layer.ratio,
+                              w["attn_sink"])[None]                                # [1, H, Dh]
             o = self.rope(o, positions, layer.omega, inverse=True)
             return self.out_proj(o.reshape(t, c.o_groups, -1), w)
-        q = self.norm_rope(self.proj(w["wq_b"], qr).view(t, n_heads, d), None, positions, layer.omega)
         if chunk_t0 is not None:
             return self.attention_chunk(h, qr, q, kv, positions, layer, s, state, chunk_t0)
 
@@ -478,14 +482,6 @@ class ForwardModel:
                              dtype, comp_k=comp_k)
         o = self.rope(o, positions, layer.omega, inverse=True)
         return self.out_proj(o.reshape(t, c.o_groups, -1), w)
-
-    def attend_step(self, q, kv, pos, layer: Layer, s: CudaLayerState, state, comp, idx) -> torch.Tensor:
-        """Decode attention through kernels/attend.py -> o [1, H, Dh]: the ring, this token's row
-        and the compressed rows (comp, idx from compressed_keys(as_indices=True), run first:
-        rows emitted at pos are visible to pos) are read in place (no key concatenation, no
-        mask tensors) and the kernel writes this token's ring slot."""
-        return attend_decode(q[0], s.raw, state.ring_pos, kv, pos, comp, idx, layer.ratio,
-                             layer.w["attn_sink"])[None]
 
     def out_proj(self, o: torch.Tensor, w: dict) -> torch.Tensor:
         """Grouped out-a (one [R_o, H*Dh/G] matrix per group) then out-b."""
