@@ -1,0 +1,61 @@
+"""Decode step time of switchable variants on one set of dummy weights (A/B in one process).
+
+A variant is a set of overrides: `ops` fields of the ForwardModel (e.g. the int8-activation
+Q8_0 mat-vecs off) and decode attention's block shape for gathered rows. A fresh session is
+captured per variant and timed as in cuda_decode_bench (graph replay, median of --steps),
+interleaved over --rounds so drift hits all variants alike.
+
+Usage: PYTHONPATH=.:bench python3 bench/decode_variants.py [--layers 43] [--ctx 2048] [--only base ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import torch
+
+from cuda_decode_bench import fill_state, flash_config, time_graph
+from dwarfstar.engine.cuda_engine import CudaEngine
+from dwarfstar.engine.engine import EngineOptions
+from dwarfstar.kernels import attend
+
+VARIANTS = {
+    "base": {},
+    "fp32-dense": {"ops": {"q8_matvec": None, "q8_expert_matvec": None}},
+    "gathered-16x32": {"gathered": (16, 32, 128)},
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, default=43)
+    p.add_argument("--ctx", type=int, nargs="+", default=[2048])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--only", nargs="*", default=None)
+    args = p.parse_args()
+    engine = CudaEngine.dummy(flash_config(args.layers), EngineOptions(backend="cuda"))
+    production, blocks = engine.model.ops, attend.GATHERED_BLOCKS
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    res: dict = {}
+    for ctx in args.ctx:
+        for r in range(args.rounds):
+            for name in args.only or list(VARIANTS):
+                v = VARIANTS[name]
+                engine.model.ops = dataclasses.replace(production, **v.get("ops", {}))
+                attend.GATHERED_BLOCKS = v.get("gathered", blocks)
+                session = engine.new_session(ctx=ctx + 64)
+                fill_state(session, ctx, gen)
+                ms = time_graph(session, args.steps)
+                res.setdefault(f"{ctx}:{name}", []).append(ms)
+                print(f"ctx {ctx} round {r} {name:>20}: {ms:.3f} ms ({1e3 / ms:.1f} tok/s)", flush=True)
+                del session
+                torch.cuda.empty_cache()
+    engine.model.ops, attend.GATHERED_BLOCKS = production, blocks
+    print(json.dumps({k: min(v) for k, v in res.items()}))
+
+
+if __name__ == "__main__":
+    main()
