@@ -50,13 +50,14 @@ import triton.language as tl
 from gguf.quants import IQ2_XXS
 
 from dwarfstar.kernels import moe_nvrtc
+from dwarfstar.model.numerics import INT8_BLOCK, int8_quantize
 from dwarfstar.kernels.repack import (
     Planar, PlanarIQ2XXS, PlanarQ2K, PlanarQ4K, dequantize_planar, select_experts,
 )
 from dwarfstar.shape import QK_K
 
 # Activation quantisation block (one int8 scale per 32 inputs).
-QBLOCK = 32
+QBLOCK = INT8_BLOCK
 FMT = {PlanarIQ2XXS: 1, PlanarQ2K: 2, PlanarQ4K: 3}
 # Defaults = the q2 B = 1 winners of bench/moe_bench.py's sweep on H200 (docs/PERF.md,
 # 2026-11-24): gate/up (8, 2 warps, 3 stages); down with one program per expert and input
@@ -73,13 +74,7 @@ DOWN_STAGES = 2
 
 def quantize_act_ref(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 [..., n] -> (q float32 integers in [-127, 127] [..., n], scale [..., n/32])."""
-    ab = a.float().reshape(*a.shape[:-1], -1, QBLOCK)
-    amax = ab.abs().amax(-1)
-    # Divisions in float64 then rounded to float32: correctly rounded fp32 quotients on any
-    # device (torch's CUDA division by a scalar multiplies by the reciprocal instead).
-    inv = torch.where(amax > 0, (127.0 / amax.double()).float(), torch.zeros_like(amax))
-    q = torch.round(ab * inv[..., None])  # round half to even, as the kernel's rint
-    return q.reshape(a.shape), (amax.double() / 127.0).float()
+    return int8_quantize(a)
 
 
 def _dequantized_act(a: torch.Tensor) -> torch.Tensor:

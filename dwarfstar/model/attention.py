@@ -71,11 +71,14 @@ def attention(h: torch.Tensor, positions: torch.Tensor, lw: LayerWeights, state:
               config: ModelConfig, numerics: Numerics, dtype: torch.dtype) -> torch.Tensor:
     t, n_heads, d = h.shape[0], config.n_heads, config.head_dim
     omega = rope_frequencies(config, lw.ratio)
-    qr = rms_norm(h @ lw.get("wq_a", dtype).T, lw.get("q_norm", dtype), config.norm_eps)
-    q = rms_norm((qr @ lw.get("wq_b", dtype).T).view(t, n_heads, d), None, config.norm_eps)
+    qr = rms_norm(lw.matvec_input(h, "wq_a", numerics) @ lw.get("wq_a", dtype).T, lw.get("q_norm", dtype),
+                  config.norm_eps)
+    q = rms_norm((lw.matvec_input(qr, "wq_b", numerics) @ lw.get("wq_b", dtype).T).view(t, n_heads, d), None,
+                 config.norm_eps)
     q = apply_rope(q, positions, omega)                               # [T, H, D]
 
-    kv = rms_norm(h @ lw.get("wkv", dtype).T, lw.get("kv_norm", dtype), config.norm_eps)
+    kv = rms_norm(lw.matvec_input(h, "wkv", numerics) @ lw.get("wkv", dtype).T, lw.get("kv_norm", dtype),
+                  config.norm_eps)
     kv = kv_row_rounding(apply_rope(kv, positions, omega), config.nope_head_dim, numerics)   # [T, D]
     keys, mask = _raw_keys(kv, positions, state, config.window_size)
     state.push_raw(kv, int(positions[0]))
@@ -87,5 +90,6 @@ def attention(h: torch.Tensor, positions: torch.Tensor, lw: LayerWeights, state:
     o = apply_rope(o, positions, omega, inverse=True)
     groups = config.o_groups
     wo_a = lw.get("wo_a", dtype).view(groups, config.o_lora_rank, -1)           # [G, R_o, H*D/G]
+    o = lw.matvec_input(o.reshape(t, -1), "wo_a", numerics)
     y = torch.einsum("tgi,goi->tgo", o.reshape(t, groups, -1), wo_a).reshape(t, -1)
-    return y @ lw.get("wo_b", dtype).T
+    return lw.matvec_input(y, "wo_b", numerics) @ lw.get("wo_b", dtype).T

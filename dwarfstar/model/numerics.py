@@ -8,6 +8,11 @@ Contract:
   rounding. They return a new tensor of the input dtype and never touch the input.
 - `Numerics` says which of them are on. "official" (default) = all on, matching ds4 /
   the official model; "exact" = all off, the un-quantised math transformers implements.
+  `int8_act` (off in both; the CUDA engine's rounding point, which ds4's CUDA decode shares):
+  inputs of Q8_0 mat-vecs rounded to int8 per 32 (`int8_round`) — the GPU tests' oracle sets it.
+- `int8_quantize(x) -> (q, scale)` / `int8_round(x)`: per 32 inputs of the last dim, scale =
+  amax / 127 (0 for an all-zero block), q = rint(x * (127 / amax)) in [-127, 127], both
+  divisions correctly rounded to fp32; `int8_round` returns q * scale in x's dtype.
 
 Block quantisers act on consecutive blocks of the last dim (its size must be a multiple
 of the block). Scales are powers of two, so `x / s` is exact and only the element
@@ -27,6 +32,7 @@ FP8_AMAX_FLOOR = 1e-4
 FP4_BLOCK = 32
 FP4_MAX = 6.0
 FP4_AMAX_FLOOR = 7.052966104933725e-38
+INT8_BLOCK = 32
 # E2M1 magnitudes by code, and the midpoints between neighbours (model.md §5.2).
 _FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 _FP4_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
@@ -39,6 +45,7 @@ class Numerics:
     fp8_kv: bool
     fp4_indexer: bool
     half_cache: bool
+    int8_act: bool = False
 
     @classmethod
     def of(cls, name: str) -> "Numerics":
@@ -47,6 +54,23 @@ class Numerics:
         if name == "exact":
             return cls(fp8_kv=False, fp4_indexer=False, half_cache=False)
         raise ValueError(f"numerics must be 'official' or 'exact', got {name!r}")
+
+
+def int8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float [..., n] -> (q float32 integers in [-127, 127] [..., n], scale float32 [..., n/32])."""
+    xb = x.float().reshape(*x.shape[:-1], -1, INT8_BLOCK)
+    amax = xb.abs().amax(-1)
+    # Divisions in float64 then rounded to float32: correctly rounded fp32 quotients on any
+    # device (torch's CUDA division by a scalar multiplies by the reciprocal instead).
+    inv = torch.where(amax > 0, (127.0 / amax.double()).float(), torch.zeros_like(amax))
+    q = torch.round(xb * inv[..., None])  # round half to even, as the kernels' rint
+    return q.reshape(x.shape), (amax.double() / 127.0).float()
+
+
+def int8_round(x: torch.Tensor) -> torch.Tensor:
+    """The activations an int8 kernel multiplies: int8 per 32 inputs, back to x's dtype."""
+    q, scale = int8_quantize(x)
+    return (q.view(*scale.shape, INT8_BLOCK) * scale[..., None]).view(x.shape).to(x.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:

@@ -59,6 +59,10 @@ class PlanarSource:
     def ints(self, name: str) -> torch.Tensor:
         return self._t[name].to(torch.int64)
 
+    def ggml_type(self, name: str) -> int | None:
+        t = self._t[name]
+        return None if isinstance(t, torch.Tensor) else int(t.ggml_type)
+
 
 def _device(p) -> torch.device:
     return getattr(p, dataclasses.fields(p)[0].name).device

@@ -75,7 +75,8 @@ class ReferenceModel:
         w, c, dt = self.weights, self.config, self.dtype
         y = hc_head(x, w.get("output_hc_fn.weight", dt), w.get("output_hc_scale.weight", dt),
                     w.get("output_hc_base.weight", dt), c)
-        return rms_norm(y, w.get("output_norm.weight", dt), c.norm_eps) @ w.get("output.weight", dt).T
+        y = rms_norm(y, w.get("output_norm.weight", dt), c.norm_eps)
+        return w.matvec_input(y, "output.weight", self.numerics) @ w.get("output.weight", dt).T
 
     def forward(self, state: DecodeState, tokens: list[int], all_logits: bool = True) -> torch.Tensor:
         with torch.no_grad():

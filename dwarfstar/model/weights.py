@@ -26,12 +26,13 @@ from typing import Any
 import torch
 
 from dwarfstar.gguf import names
+from dwarfstar.model.numerics import int8_round
 from dwarfstar.shape import ModelConfig
 
 # Elements above which a GGUF tensor is dequantised per use instead of cached.
 CACHE_LIMIT = 1 << 24
 # ggml type ids read without the quant module (gguf.md §4).
-_F32, _F16, _I32 = 0, 1, 26
+_F32, _F16, _Q8_0, _I32 = 0, 1, 8, 26
 
 
 class Weights:
@@ -68,6 +69,16 @@ class Weights:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
+
+    def ggml_type(self, name: str) -> int | None:
+        """The stored GGML type (GGUF weights), None for in-memory float tensors."""
+        return self._source.ggml_type(name)
+
+    def matvec_input(self, x: torch.Tensor, name: str, numerics) -> torch.Tensor:
+        """See LayerWeights.matvec_input."""
+        if numerics.int8_act and self.ggml_type(name) == _Q8_0:
+            return int8_round(x)
+        return x
 
     def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         key = (name, dtype)
@@ -122,6 +133,11 @@ class LayerWeights:
     def ints(self, field: str) -> torch.Tensor:
         return self.weights.ints(self.name(field))
 
+    def matvec_input(self, x: torch.Tensor, field: str, numerics) -> torch.Tensor:
+        """x as a product with this weight takes it: int8-rounded per 32 when `numerics.int8_act`
+        and the weight is stored as Q8_0 (the CUDA engine's and ds4's decode rounding point)."""
+        return self.weights.matvec_input(x, self.name(field), numerics)
+
 
 _GGUF_OF_FIELD = {s.field: s.gguf for s in names.LAYER} | {"mtp_" + s.field: s.gguf for s in names.MTP_GLOBAL}
 
@@ -158,6 +174,9 @@ class _DictSource:
     def ints(self, name: str) -> torch.Tensor:
         return self._t[name].to(torch.int64)
 
+    def ggml_type(self, name: str) -> None:
+        return None
+
 
 class _GGUFSource:
     is_resident = False
@@ -185,6 +204,9 @@ class _GGUFSource:
         slab = info.n_bytes // n_experts
         raw = self._f.raw_torch(name)[e * slab:(e + 1) * slab]
         return self._decode(raw, int(info.ggml_type), tuple(info.ne[:-1]))
+
+    def ggml_type(self, name: str) -> int:
+        return int(self._f.tensors[name].ggml_type)
 
     def ints(self, name: str) -> torch.Tensor:
         info = self._f.tensors[name]

@@ -1,9 +1,11 @@
-"""The reference MoE with the production rounding points of the routed experts (kernels/moe.py).
+"""The reference model with the CUDA engine's int8 rounding points (kernels/moe.py, matvec_int8.py).
 
 `int8_expert_moe` is model/moe.py's `moe` except that each routed expert multiplies the
-int8-rounded activations the kernels use (per 32 inputs, scale amax/127; `moe.quantize_act_ref`)
-for both its gate/up input and its down input. The shared expert stays unquantised (it goes
-through the fp32 mat-vec). `int8_reference()` patches it into model/reference.py for a `with`.
+int8-rounded activations the kernels use (per 32 inputs, scale amax/127; `numerics.int8_round`)
+for both its gate/up input and its down input, and the shared expert's Q8_0 mat-vecs do too
+(`LayerWeights.matvec_input`). `int8_reference(model)` patches it into model/reference.py and
+turns on `Numerics.int8_act` of the model (the other Q8_0 mat-vec inputs: attention's
+projections and the head) for a `with`.
 
 `ROUTE_GAPS` records, for every score-routed layer the oracle runs on one token, the gap
 between the K-th and (K+1)-th biased router score (the margin of its top-K choice); the GPU
@@ -11,12 +13,16 @@ tests read the smallest gap of a step to tell a routing near-tie from a real err
 """
 
 import contextlib
+import dataclasses
 
 import torch
 
 from dwarfstar.kernels.moe import _dequantized_act
 from dwarfstar.model import moe as ref_moe
 from dwarfstar.model import reference
+from dwarfstar.model.numerics import Numerics
+
+INT8 = dataclasses.replace(Numerics.of("official"), int8_act=True)
 
 
 ROUTE_GAPS: list[float] = []
@@ -43,15 +49,19 @@ def int8_expert_moe(x, tokens, lw, config, dtype):
         mid = ref_moe.swiglu(h @ lw.expert("w1", e, dtype).T, h @ lw.expert("w3", e, dtype).T, lw.swiglu_limit)
         mid = _dequantized_act(w[rows, slot, None] * mid).to(x.dtype)
         out.index_add_(0, rows, mid @ lw.expert("w2", e, dtype).T)
-    shared = ref_moe.swiglu(x @ lw.get("shared_w1", dtype).T, x @ lw.get("shared_w3", dtype).T, lw.swiglu_limit)
-    return out + shared @ lw.get("shared_w2", dtype).T
+    xs = lw.matvec_input(x, "shared_w1", INT8)
+    shared = ref_moe.swiglu(xs @ lw.get("shared_w1", dtype).T, xs @ lw.get("shared_w3", dtype).T, lw.swiglu_limit)
+    return out + lw.matvec_input(shared, "shared_w2", INT8) @ lw.get("shared_w2", dtype).T
 
 
 @contextlib.contextmanager
-def int8_reference():
-    saved = reference.moe
+def int8_reference(model):
+    """model: the ReferenceModel whose forward runs inside the `with`."""
+    saved, saved_numerics = reference.moe, model.numerics
     reference.moe = int8_expert_moe
+    model.numerics = dataclasses.replace(saved_numerics, int8_act=True)
     try:
         yield
     finally:
         reference.moe = saved
+        model.numerics = saved_numerics

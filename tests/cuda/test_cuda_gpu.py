@@ -44,7 +44,7 @@ def _prompt(n, seed=0):
 def _ref_logits(reference, state, tokens, int8=True):
     torch.set_default_device("cuda")
     try:
-        with int8_reference() if int8 else contextlib.nullcontext():
+        with int8_reference(reference) if int8 else contextlib.nullcontext():
             return reference.forward(state, tokens, all_logits=False)[-1]
     finally:
         torch.set_default_device(None)
