@@ -43,10 +43,9 @@ BLOCK_D = 128     # head-dim chunk of the dots
 COMBINE_D = 128   # head-dim chunk of a combine program
 NUM_WARPS = 4
 # (BLOCK_N, BLOCK_H, BLOCK_D) when the compressed rows come by index (the indexer's top-k on
-# ratio-4 layers). H200 sweep of bench/attend_bench.py with the D loops unrolled (docs/PERF.md):
-# window only / every row (ratio 128) best at (16, 16, 128), 26-32 µs per call; gathered rows at
-# (16, 32, 128), 37 µs (the first setting measured 35-64 µs there).
-GATHERED_BLOCKS = (16, 32, 128)
+# ratio-4 layers). bench/attend_bench.py as graph replays on the H200 (docs/PERF.md): (16, 16, 128)
+# 30.1 µs vs 31.9 at (16, 32, 128) per 2K ratio-4 call; the whole 43-layer step 8.72 vs 8.97 ms.
+GATHERED_BLOCKS = (16, 16, 128)
 
 
 def attend_decode_ref(q, raw, ring_pos, kv, pos, comp, comp_idx, ratio, sinks) -> torch.Tensor:

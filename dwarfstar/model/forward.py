@@ -48,11 +48,12 @@ from dwarfstar.kernels.hc import hc_split_ref
 from dwarfstar.kernels.hc import hc_weighted_sum, hc_weighted_sum_ref
 from dwarfstar.kernels.matvec import MAX_COLS, expert_matvec, expert_matvec_ref, matvec, matvec_ref
 from dwarfstar.kernels.matvec import cat_planar, matvec_split_k, split_planar
-from dwarfstar.kernels.moe import QBLOCK, moe_down_parts, moe_down_ref, moe_gate_up, moe_gate_up_ref, quantize_act_ref
+from dwarfstar.kernels.matvec_int8 import expert_matvec_q8, expert_matvec_q8_ref, matvec_q8, matvec_q8_ref
+from dwarfstar.kernels.moe import QBLOCK, moe_down_parts, moe_down_ref, moe_gate_up, moe_gate_up_ref, quantize_act
 from dwarfstar.kernels.prefill_attend import attend_chunk, attend_dtype
 from dwarfstar.kernels.prefill_moe import gemm_dtype, matmul_f32, prefill_moe
 from dwarfstar.kernels.prefill_sparse import attend_prefill
-from dwarfstar.kernels.repack import Planar, dequantize_planar, select_experts
+from dwarfstar.kernels.repack import Planar, PlanarQ8_0, dequantize_planar, select_experts
 from dwarfstar.kernels.rounding import hadamard_round, index_round, kv_round, stable_topk
 from dwarfstar.kernels.rounding import index_scores as index_scores_kernel
 from dwarfstar.kernels.route import route as route_kernel
@@ -61,8 +62,9 @@ from dwarfstar.model.attention import _attend
 from dwarfstar.model.moe import ROUTE_SUM_FLOOR, swiglu
 from dwarfstar.model.moe import stable_topk as sort_topk
 from dwarfstar.model.numerics import Numerics, _hadamard_matrix, fp8_sim, half_round, rms_norm
+from dwarfstar.model.numerics import int8_round as numerics_int8_round
 from dwarfstar.model.rope import apply_rope, rope_frequencies
-from dwarfstar.shape import OVERLAP_RATIO, ModelConfig
+from dwarfstar.shape import OVERLAP_RATIO, QK_K, ModelConfig
 
 
 # Bytes of one head block of the chunk indexer's [T, heads, N_c] fp32 products.
@@ -70,9 +72,22 @@ INDEX_SCORE_BYTES = 512 << 20
 
 
 def int8_round(a: torch.Tensor) -> torch.Tensor:
-    """The activations kernels/moe.py multiplies: int8 per 32 inputs, back to float32."""
-    q, scale = quantize_act_ref(a)
-    return (q.view(*scale.shape, QBLOCK) * scale[..., None]).view(a.shape)
+    """The activations the int8 kernels multiply (numerics.int8_round: int8 per 32 inputs, back
+    to float32), for chunks: on CUDA through the quantiser kernel (the same integers and scales,
+    one launch instead of a dozen torch ops)."""
+    if a.is_cuda and a.dim() == 2 and a.shape[-1] % QK_K == 0:
+        words, scale, _ = quantize_act(a.contiguous())
+        q = words.view(torch.int8).view(*scale.shape, QBLOCK).float()
+        return (q * scale[..., None]).view(a.shape)
+    return numerics_int8_round(a.float())
+
+
+def _q8_dense(w: Planar, x: torch.Tensor) -> torch.Tensor:
+    return matvec_q8(w, quantize_act(x))
+
+
+def _q8_grouped(w: Planar, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return expert_matvec_q8(w, ids, quantize_act(x))
 
 
 def _experts_fp32(expert_mv: Callable) -> Callable:
@@ -112,6 +127,11 @@ class Ops:
     # Decode-step kernels in use, a subset of FUSED_PARTS: "compress" (kernels/compress.py),
     # "route" (kernels/route.py), "index" (indexer rounding, scores and top-k); they need glue.
     fused: frozenset = frozenset()
+    # Q8_0 mat-vecs of decode (x [T <= MAX_COLS, K] -> [T, N]) with int8 activations per 32
+    # (kernels/matvec_int8.py: the rounding point ds4's CUDA decode has too; chunks then round
+    # their Q8_0 GEMM inputs the same way); None: the fp32 `matvec` for every format.
+    q8_matvec: Callable | None = None
+    q8_expert_matvec: Callable | None = None
 
 
 # Production: all three fused parts. "route" was off after an H200 bisect put 4 steps of the
@@ -119,19 +139,20 @@ class Ops:
 # selection keys) the same steps went over with it off too, at routing near-ties of the
 # reference (tests/cuda/test_cuda_gpu.py reports the margins), so it is on again.
 TRITON_OPS = Ops(matvec, expert_matvec, hc_split, _experts_int8(moe_gate_up, moe_down_parts), True, True,
-                 frozenset({"compress", "route", "index"}))
+                 frozenset({"compress", "route", "index"}), _q8_dense, _q8_grouped)
 TWIN_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False)
 # Twins of the mat-vecs with the Triton glue (CPU interpreter checks of the glue wiring).
 TWIN_GLUE_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False, True)
 # The fused decode kernels on top (production candidate, see Ops.fused).
 FUSED_PARTS = frozenset({"compress", "route", "index"})
 TRITON_FUSED_OPS = Ops(matvec, expert_matvec, hc_split, _experts_int8(moe_gate_up, moe_down_parts), True, True,
-                       FUSED_PARTS)
+                       FUSED_PARTS, _q8_dense, _q8_grouped)
 TWIN_FUSED_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False, True,
                      FUSED_PARTS)
-# Twins of the production numerics (int8 routed-expert activations), for CPU checks.
+# Twins of the production numerics (int8 activations of routed experts and Q8_0 mat-vecs), for
+# CPU checks.
 TWIN_INT8_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_int8(moe_gate_up_ref, moe_down_ref),
-                    True)
+                    True, q8_matvec=matvec_q8_ref, q8_expert_matvec=expert_matvec_q8_ref)
 
 
 def _grouped(p: Planar, groups: int) -> Planar:
@@ -271,8 +292,11 @@ class ForwardModel:
 
     def proj(self, w: Planar, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] @ W^T -> [T, N]: mat-vec kernel for decode, dequantise + matmul for chunks."""
+        q8 = self.ops.q8_matvec is not None and isinstance(w, PlanarQ8_0)
         if x.shape[0] <= MAX_COLS:
-            return self.ops.matvec(w, x.contiguous())
+            return (self.ops.q8_matvec if q8 else self.ops.matvec)(w, x.contiguous())
+        if q8:
+            x = int8_round(x)
         # Chunks: fp16 tensor-core GEMM on CUDA (fp32 results), fp32 elsewhere (prefill_moe.py).
         dt = gemm_dtype(w, x.device)
         return matmul_f32(x, dequantize_planar(w, dt), dt)
@@ -486,9 +510,13 @@ class ForwardModel:
     def out_proj(self, o: torch.Tensor, w: dict) -> torch.Tensor:
         """Grouped out-a (one [R_o, H*Dh/G] matrix per group) then out-b."""
         t, g, _ = o.shape
+        q8 = self.ops.q8_matvec is not None and isinstance(w["wo_a_grouped"], PlanarQ8_0)
         if t == 1:
-            y = self.ops.expert_matvec(w["wo_a_grouped"], self.group_ids, o[0].contiguous()).reshape(1, -1)
+            mv = self.ops.q8_expert_matvec if q8 else self.ops.expert_matvec
+            y = mv(w["wo_a_grouped"], self.group_ids, o[0].contiguous()).reshape(1, -1)
         else:
+            if q8:
+                o = int8_round(o.reshape(t, -1)).view(o.shape)
             dt = gemm_dtype(w["wo_a_grouped"], o.device)
             wo_a = dequantize_planar(w["wo_a_grouped"], dt)                    # [G, R_o, H*Dh/G]
             if dt == torch.float32:
