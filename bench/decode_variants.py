@@ -1,7 +1,7 @@
 """Decode step time of switchable variants on one set of dummy weights (A/B in one process).
 
 A variant is a set of overrides: `ops` fields of the ForwardModel (e.g. the int8-activation
-Q8_0 mat-vecs off) and decode attention's block shape for gathered rows. A fresh session is
+Q8_0 mat-vecs on) and decode attention's block shape for gathered rows. A fresh session is
 captured per variant and timed as in cuda_decode_bench (graph replay, median of --steps),
 interleaved over --rounds so drift hits all variants alike.
 
@@ -20,10 +20,11 @@ from cuda_decode_bench import fill_state, flash_config, time_graph
 from dwarfstar.engine.cuda_engine import CudaEngine
 from dwarfstar.engine.engine import EngineOptions
 from dwarfstar.kernels import attend
+from dwarfstar.model.forward import TRITON_INT8_OPS
 
 VARIANTS = {
     "base": {},
-    "fp32-dense": {"ops": {"q8_matvec": None, "q8_expert_matvec": None}},
+    "int8-dense": {"ops": {"q8_matvec": TRITON_INT8_OPS.q8_matvec, "q8_expert_matvec": TRITON_INT8_OPS.q8_expert_matvec}},
     "gathered-16x32": {"gathered": (16, 32, 128)},
 }
 

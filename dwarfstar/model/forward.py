@@ -22,6 +22,8 @@ Contract:
 - Both compute the reference math (model/reference.py) in fp32 with the same rounding
   points; results differ from it by fp32 summation order only — except a chunk's GEMMs on
   CUDA, whose inputs are rounded to fp16 (fp32 results; kernels/prefill_moe.gemm_dtype).
+  With `Ops.q8_matvec` (TRITON_INT8_OPS) every Q8_0 product takes int8 activations per 32, in
+  decode and chunks alike (the reference's `Numerics.int8_act`).
 The state is a `CudaDecodeState` (engine/cuda_state.py); `pos` is the GPU mirror of
 `len(state.tokens)`, which the caller keeps.
 """
@@ -29,6 +31,7 @@ The state is a `CudaDecodeState` (engine/cuda_state.py); `pos` is the GPU mirror
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -52,6 +55,7 @@ from dwarfstar.kernels.matvec_int8 import expert_matvec_q8, expert_matvec_q8_ref
 from dwarfstar.kernels.moe import QBLOCK, moe_down_parts, moe_down_ref, moe_gate_up, moe_gate_up_ref, quantize_act
 from dwarfstar.kernels.prefill_attend import attend_chunk, attend_dtype
 from dwarfstar.kernels.prefill_moe import gemm_dtype, matmul_f32, prefill_moe
+from dwarfstar.kernels.prefill_q8 import gemm_q8, gemm_q8_ref
 from dwarfstar.kernels.prefill_sparse import attend_prefill
 from dwarfstar.kernels.repack import Planar, PlanarQ8_0, dequantize_planar, select_experts
 from dwarfstar.kernels.rounding import hadamard_round, index_round, kv_round, stable_topk
@@ -88,6 +92,10 @@ def _q8_dense(w: Planar, x: torch.Tensor) -> torch.Tensor:
 
 def _q8_grouped(w: Planar, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return expert_matvec_q8(w, ids, quantize_act(x))
+
+
+def _q8_chunk(w: Planar, x: torch.Tensor) -> torch.Tensor:
+    return gemm_q8(w, quantize_act(x))
 
 
 def _experts_fp32(expert_mv: Callable) -> Callable:
@@ -127,11 +135,13 @@ class Ops:
     # Decode-step kernels in use, a subset of FUSED_PARTS: "compress" (kernels/compress.py),
     # "route" (kernels/route.py), "index" (indexer rounding, scores and top-k); they need glue.
     fused: frozenset = frozenset()
-    # Q8_0 mat-vecs of decode (x [T <= MAX_COLS, K] -> [T, N]) with int8 activations per 32
-    # (kernels/matvec_int8.py: the rounding point ds4's CUDA decode has too; chunks then round
-    # their Q8_0 GEMM inputs the same way); None: the fp32 `matvec` for every format.
+    # Q8_0 projections with int8 activations per 32 (the rounding point ds4's CUDA decode has
+    # too): decode mat-vecs (x [T <= MAX_COLS, K] -> [T, N]; kernels/matvec_int8.py), the grouped
+    # out-a by slot, and chunk GEMMs on the same codes (kernels/prefill_q8.py; x [T, G*K] for a
+    # [N, K] or [G, N, K] weight). None: fp32 mat-vecs and fp16 chunk GEMMs for every format.
     q8_matvec: Callable | None = None
     q8_expert_matvec: Callable | None = None
+    q8_gemm: Callable | None = None
 
 
 # Production: all three fused parts. "route" was off after an H200 bisect put 4 steps of the
@@ -139,20 +149,27 @@ class Ops:
 # selection keys) the same steps went over with it off too, at routing near-ties of the
 # reference (tests/cuda/test_cuda_gpu.py reports the margins), so it is on again.
 TRITON_OPS = Ops(matvec, expert_matvec, hc_split, _experts_int8(moe_gate_up, moe_down_parts), True, True,
-                 frozenset({"compress", "route", "index"}), _q8_dense, _q8_grouped)
+                 frozenset({"compress", "route", "index"}))
+# Candidate: the Q8_0 mat-vecs with int8 activations (ds4's decode rounding point; 8.96 -> 7.92 ms
+# per 2K step on the H200, docs/PERF.md). Not production yet: on the H200 the 4-layer GPU tests
+# went over their bounds with it, because the fp16 prefill GEMMs feed the new int8 rounding
+# points noise that flips codes (~6 % of elements) where the decode and the oracle, exact to
+# fp32 order, do not; the prefill has to multiply the same int8 codes first (docs/PERF.md).
+TRITON_INT8_OPS = dataclasses.replace(TRITON_OPS, q8_matvec=_q8_dense, q8_expert_matvec=_q8_grouped,
+                                      q8_gemm=_q8_chunk)
 TWIN_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False)
 # Twins of the mat-vecs with the Triton glue (CPU interpreter checks of the glue wiring).
 TWIN_GLUE_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False, True)
 # The fused decode kernels on top (production candidate, see Ops.fused).
 FUSED_PARTS = frozenset({"compress", "route", "index"})
 TRITON_FUSED_OPS = Ops(matvec, expert_matvec, hc_split, _experts_int8(moe_gate_up, moe_down_parts), True, True,
-                       FUSED_PARTS, _q8_dense, _q8_grouped)
+                       FUSED_PARTS)
 TWIN_FUSED_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False, True,
                      FUSED_PARTS)
 # Twins of the production numerics (int8 activations of routed experts and Q8_0 mat-vecs), for
 # CPU checks.
 TWIN_INT8_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_int8(moe_gate_up_ref, moe_down_ref),
-                    True, q8_matvec=matvec_q8_ref, q8_expert_matvec=expert_matvec_q8_ref)
+                    True, q8_matvec=matvec_q8_ref, q8_expert_matvec=expert_matvec_q8_ref, q8_gemm=gemm_q8_ref)
 
 
 def _grouped(p: Planar, groups: int) -> Planar:
@@ -290,13 +307,18 @@ class ForwardModel:
             return glue_rope(x, positions, cos, sin, inverse)
         return apply_rope(x, positions, omega, inverse)
 
+    def _int8_act(self, w: Planar) -> bool:
+        """Whether this weight's products take int8 activations (Ops.q8_matvec). The Triton forms
+        quantise whole 256-input super-blocks (kernels/moe.quantize_act): K % 256 == 0, as on Flash."""
+        return self.ops.q8_matvec is not None and isinstance(w, PlanarQ8_0)
+
     def proj(self, w: Planar, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] @ W^T -> [T, N]: mat-vec kernel for decode, dequantise + matmul for chunks."""
-        q8 = self.ops.q8_matvec is not None and isinstance(w, PlanarQ8_0)
+        q8 = self._int8_act(w)
         if x.shape[0] <= MAX_COLS:
             return (self.ops.q8_matvec if q8 else self.ops.matvec)(w, x.contiguous())
         if q8:
-            x = int8_round(x)
+            return self.ops.q8_gemm(w, x.contiguous())
         # Chunks: fp16 tensor-core GEMM on CUDA (fp32 results), fp32 elsewhere (prefill_moe.py).
         dt = gemm_dtype(w, x.device)
         return matmul_f32(x, dequantize_planar(w, dt), dt)
@@ -510,13 +532,13 @@ class ForwardModel:
     def out_proj(self, o: torch.Tensor, w: dict) -> torch.Tensor:
         """Grouped out-a (one [R_o, H*Dh/G] matrix per group) then out-b."""
         t, g, _ = o.shape
-        q8 = self.ops.q8_matvec is not None and isinstance(w["wo_a_grouped"], PlanarQ8_0)
+        q8 = self._int8_act(w["wo_a_grouped"])
         if t == 1:
             mv = self.ops.q8_expert_matvec if q8 else self.ops.expert_matvec
             y = mv(w["wo_a_grouped"], self.group_ids, o[0].contiguous()).reshape(1, -1)
+        elif q8:
+            y = self.ops.q8_gemm(w["wo_a_grouped"], o.reshape(t, -1).contiguous())
         else:
-            if q8:
-                o = int8_round(o.reshape(t, -1)).view(o.shape)
             dt = gemm_dtype(w["wo_a_grouped"], o.device)
             wo_a = dequantize_planar(w["wo_a_grouped"], dt)                    # [G, R_o, H*Dh/G]
             if dt == torch.float32:
