@@ -62,6 +62,31 @@ def test_greedy_and_top20_match_reference(engine, reference, tol, logprob_error)
     _check_greedy(engine, reference, tol, logprob_error)
 
 
+@contextlib.contextmanager
+def _int8_ops(engine):
+    """The candidate TRITON_INT8_OPS (int8 activations for every Q8_0 product) for a `with`."""
+    from dwarfstar.model.forward import TRITON_INT8_OPS
+
+    production = engine.model.ops
+    engine.model.ops = TRITON_INT8_OPS
+    try:
+        yield
+    finally:
+        engine.model.ops = production
+
+
+def test_int8_ops_greedy_and_top20_match_reference(engine, reference, tol, logprob_error):
+    """The int8-activation Q8_0 products against the oracle that rounds them too (int8_oracle).
+    The gate for making TRITON_INT8_OPS production (docs/PERF.md)."""
+    with _int8_ops(engine):
+        _check_greedy(engine, reference, tol, logprob_error)
+
+
+def test_int8_ops_prefill_matches_decode(engine, tol, logprob_error):
+    with _int8_ops(engine):
+        test_prefill_matches_decode(engine, tol, logprob_error)
+
+
 @pytest.mark.parametrize("part", [
     "compress",
     "index",
