@@ -29,8 +29,10 @@ import triton
 import triton.language as tl
 
 from dwarfstar.kernels.glue import row_rsqrt
+from dwarfstar.kernels.moe import act_buffers, store_int8_act
 from dwarfstar.model.hc import sinkhorn
 from dwarfstar.model.numerics import rms_norm
+from dwarfstar.shape import QK_K
 
 NORM_BLOCK = 1024
 
@@ -76,9 +78,11 @@ def _load_mix(mix_ptr, row, offs, T, M: tl.constexpr, S: tl.constexpr):
 
 
 @triton.jit
-def _weighted_norm(x_ptr, pre, w_ptr, h_ptr, row, norm_eps, K, N: tl.constexpr, BLOCK: tl.constexpr):
+def _weighted_norm(x_ptr, pre, w_ptr, h_ptr, row, norm_eps, K, hw_ptr, hs_ptr, hq_ptr, N: tl.constexpr,
+                   BLOCK: tl.constexpr, QUANT: tl.constexpr, USE_ASM: tl.constexpr):
     """h[row] = rms_norm(sum_i pre[i] x[row, i], w): u is written, then re-read and scaled by
-    the same program (same shapes and layout, so each thread re-reads its own stores)."""
+    the same program (same shapes and layout, so each thread re-reads its own stores). QUANT:
+    also h's int8 form (kernels/moe.py quantize_act layout) from the same registers."""
     D = K // N
     row = row.to(tl.int64)
     i = tl.arange(0, N)
@@ -95,13 +99,19 @@ def _weighted_norm(x_ptr, pre, w_ptr, h_ptr, row, norm_eps, K, N: tl.constexpr, 
         offs = d0 + tl.arange(0, BLOCK)
         mask = offs < D
         u = tl.load(h_ptr + row * D + offs, mask=mask, other=0.0)
-        tl.store(h_ptr + row * D + offs, u * r * tl.load(w_ptr + offs, mask=mask, other=0.0), mask=mask)
+        y = u * r * tl.load(w_ptr + offs, mask=mask, other=0.0)
+        tl.store(h_ptr + row * D + offs, y, mask=mask)
+        if QUANT:
+            # BLOCK divides D here (the launcher's check), so no lane is masked.
+            store_int8_act(y, hw_ptr + row * (D // 4) + d0 // 4, hs_ptr + row * (D // 32) + d0 // 32,
+                           hq_ptr + row * (D // 16) + d0 // 16, BLOCK // 32, USE_ASM)
 
 
 @triton.jit
 def _hc_split_kernel(mix_ptr, scale_ptr, base_ptr, x_ptr, pre_ptr, post_ptr, m_ptr, w_ptr, h_ptr, eps, norm_eps,
-                     T, K, N: tl.constexpr, M: tl.constexpr, S: tl.constexpr, ITERS: tl.constexpr,
-                     FULL: tl.constexpr, HAS_X: tl.constexpr, NORMED: tl.constexpr, BLOCK: tl.constexpr):
+                     T, K, hw_ptr, hs_ptr, hq_ptr, N: tl.constexpr, M: tl.constexpr, S: tl.constexpr,
+                     ITERS: tl.constexpr, FULL: tl.constexpr, HAS_X: tl.constexpr, NORMED: tl.constexpr,
+                     BLOCK: tl.constexpr, QUANT: tl.constexpr, USE_ASM: tl.constexpr):
     row = tl.program_id(0)
     r = _row_scale(x_ptr, row, norm_eps, K, HAS_X, BLOCK)
     i = tl.arange(0, N)
@@ -110,7 +120,7 @@ def _hc_split_kernel(mix_ptr, scale_ptr, base_ptr, x_ptr, pre_ptr, post_ptr, m_p
     pre = 1.0 / (1.0 + tl.exp(-a)) + eps
     tl.store(pre_ptr + row * N + i, pre)
     if NORMED:
-        _weighted_norm(x_ptr, pre, w_ptr, h_ptr, row, norm_eps, K, N, BLOCK)
+        _weighted_norm(x_ptr, pre, w_ptr, h_ptr, row, norm_eps, K, hw_ptr, hs_ptr, hq_ptr, N, BLOCK, QUANT, USE_ASM)
     if FULL:
         s1 = tl.load(scale_ptr + 1)
         s2 = tl.load(scale_ptr + 2)
@@ -138,7 +148,7 @@ def _check_mix(mix, x, scale, base):
     return s, t, width
 
 
-def _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, full, weight=None):
+def _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, full, weight=None, quantize=False):
     s, t, width = _check_mix(mix, x, scale, base)
     dev = mix.device
     pre = torch.empty(t, n, dtype=torch.float32, device=dev)
@@ -151,11 +161,20 @@ def _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, full, weight=Non
             "the normed weighted sum needs the raw rows x [T, n D] and a weight [D]"
         h = torch.empty(t, k // n, dtype=torch.float32, device=dev)
     block = min(NORM_BLOCK, triton.next_power_of_2(k))
+    hq = (pre, pre, pre)
+    if quantize:
+        d = k // n
+        block = min(block, d)
+        assert weight is not None and d % QK_K == 0 and d % block == 0, "quantised h: D a multiple of 256"
+        hq = act_buffers(t, d, dev)
     # 4 warps when the program also reads the 16384-wide row (64 KB), 1 for the n x n math.
     _hc_split_kernel[(t,)](mix, scale, base, x if x is not None else mix, pre, post, m,
-                           weight if weight is not None else pre, h, eps, norm_eps, t, k,
+                           weight if weight is not None else pre, h, eps, norm_eps, t, k, *hq,
                            N=n, M=width, S=s, ITERS=iters, FULL=full, HAS_X=x is not None,
-                           NORMED=weight is not None, BLOCK=block, num_warps=4 if x is not None else 1)
+                           NORMED=weight is not None, BLOCK=block, QUANT=quantize, USE_ASM=dev.type == "cuda",
+                           num_warps=4 if x is not None else 1)
+    if quantize:
+        return h, post, m, hq
     return (h if weight is not None else pre), post, m
 
 
@@ -165,13 +184,16 @@ def hc_split(mix, scale, base, n: int, iters: int, eps: float, x=None, norm_eps:
     return _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, True)
 
 
-def hc_split_norm(mix, scale, base, n: int, iters: int, eps: float, x, norm_eps: float, weight):
+def hc_split_norm(mix, scale, base, n: int, iters: int, eps: float, x, norm_eps: float, weight,
+                  quantize: bool = False):
     """`hc_split` with the raw rows x [T, n D], then the sublayer input in the same launch:
     h = rms_norm(sum_i pre[t, i] x[t, i], weight, norm_eps) [T, D] -> (h, post, m). Saves the
-    weighted-sum and RMS-norm launches of each HC pre (two per layer side)."""
+    weighted-sum and RMS-norm launches of each HC pre (two per layer side). quantize: also
+    h's int8 form, `quantize_act(h)` (kernels/moe.py), as a fourth result (D % 256 == 0),
+    for the int8-activation products that read h (no quantiser launch of their own)."""
     width = mix.shape[-1]
     assert width == (2 + n) * n and n & (n - 1) == 0, f"mix width {width} for n = {n} (power of two)"
-    return _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, True, weight)
+    return _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, True, weight, quantize)
 
 
 def hc_split_norm_ref(mix, scale, base, n: int, iters: int, eps: float, x, norm_eps: float, weight):

@@ -165,6 +165,35 @@ def _quantize_act_kernel(a_ptr, words_ptr, scale_ptr, qsum_ptr, n, USE_ASM: tl.c
 
 
 @triton.jit
+def store_int8_act(v, words_ptr, scale_ptr, qsum_ptr, R: tl.constexpr, USE_ASM: tl.constexpr):
+    """`quantize_act` of R * 32 consecutive activations v (float32 [R * 32]) by a producer kernel:
+    stores their words [R * 8], scales [R] and per-16 sums [R * 2] at these pointers (the
+    caller offsets them). The same arithmetic as _quantize_act_kernel (which keeps its own copy
+    until this form has run on a GPU; tests/kernels/test_hc_kernel.py checks they agree)."""
+    a = tl.reshape(v, [R, 32])
+    amax = tl.max(tl.abs(a), axis=1)
+    safe = tl.where(amax > 0, amax, 1.0)
+    inv = tl.where(amax > 0, tl.div_rn(tl.full([R], 127.0, tl.float32), safe), 0.0)
+    v = a * inv[:, None]
+    if USE_ASM:
+        q = tl.inline_asm_elementwise("cvt.rni.s32.f32 $0, $1;", "=r,r", [v], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    else:
+        q = ((v + 12582912.0) - 12582912.0).to(tl.int32)
+    shift = 8 * tl.arange(0, 4)
+    tl.store(words_ptr + tl.arange(0, R * 8), tl.sum((tl.reshape(q, [R * 8, 4]) & 255) << shift[None, :], axis=1))
+    tl.store(scale_ptr + tl.arange(0, R), tl.div_rn(amax, tl.full([R], 127.0, tl.float32)))
+    tl.store(qsum_ptr + tl.arange(0, R * 2), tl.sum(tl.reshape(q, [R * 2, 16]), axis=1))
+
+
+def act_buffers(rows: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty (words, scales, sums) of `quantize_act` for [rows, n] activations."""
+    return (torch.empty(rows, n // 4, dtype=torch.int32, device=device),
+            torch.empty(rows, n // 32, dtype=torch.float32, device=device),
+            torch.empty(rows, n // 16, dtype=torch.int32, device=device))
+
+
+@triton.jit
 def iq2xxs_signed_words(gw, sw, grid_ptr):
     """Grid words gw and sign+scale words sw [R, 8] of IQ2_XXS groups -> (lo, hi) int32 [R, 8, 4]:
     each octet's 8 signed grid bytes as two words of 4 int8 (byte t = element t), read from the
@@ -359,10 +388,11 @@ def _check_routing(ids: torch.Tensor, n_tok: int, device) -> int:
 def moe_gate_up(gate: Planar, up: Planar, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                 limit: float, out: torch.Tensor | None = None, block_n: int = GATE_UP_BLOCK_N,
                 num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
-                use_asm: bool | None = None) -> torch.Tensor:
+                use_asm: bool | None = None, xq=None) -> torch.Tensor:
     """mid [B, K, F] (see the module contract). IQ2_XXS on CUDA runs moe_nvrtc.py's kernel
     unless use_asm is given: dp4a asm or the plain-integer path of the Triton kernel
-    (diagnostics; same integers)."""
+    (diagnostics; same integers). xq: `quantize_act(x)` already made by x's producer
+    (kernels/hc.py hc_split_norm with quantize=True), else quantised here."""
     assert type(gate) is type(up) and gate.shape == up.shape, "gate and up: one format, one shape"
     _, f, d = gate.shape
     assert x.dtype == torch.float32 and x.is_contiguous() and x.dim() == 2 and x.shape[1] == d, \
@@ -375,11 +405,12 @@ def moe_gate_up(gate: Planar, up: Planar, x: torch.Tensor, ids: torch.Tensor, we
     assert out.dtype == torch.float32 and out.is_contiguous() and out.shape == (x.shape[0], k, f)
     if use_asm is None and moe_nvrtc.usable(gate, x):
         # IQ2_XXS on CUDA: the CUDA C decoder with its tables in shared memory (moe_nvrtc.py).
-        return moe_nvrtc.gate_up(gate, up, *quantize_act(x)[:2], ids, weights, limit, out)
+        return moe_nvrtc.gate_up(gate, up, *(xq or quantize_act(x))[:2], ids, weights, limit, out)
     use_asm = x.is_cuda if use_asm is None else use_asm
     grid = (triton.cdiv(f, block_n), x.shape[0] * k)
     _moe_gate_up_kernel[grid](
-        *_weight_args(gate), *_weight_args(up), ids, weights, *quantize_act(x, use_asm), out, f, d, float(limit),
+        *_weight_args(gate), *_weight_args(up), ids, weights, *(xq or quantize_act(x, use_asm)), out, f, d,
+        float(limit),
         FMT=FMT[type(gate)], K=k, HAS_LIMIT=limit > 0, USE_ASM=use_asm,
         BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
     )

@@ -86,8 +86,8 @@ def int8_round(a: torch.Tensor) -> torch.Tensor:
     return numerics_int8_round(a.float())
 
 
-def _q8_dense(w: Planar, x: torch.Tensor) -> torch.Tensor:
-    return matvec_q8(w, quantize_act(x))
+def _q8_dense(w: Planar, x: torch.Tensor, xq=None) -> torch.Tensor:
+    return matvec_q8(w, xq or quantize_act(x))
 
 
 def _q8_grouped(w: Planar, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -112,8 +112,9 @@ def _experts_fp32(expert_mv: Callable) -> Callable:
 def _experts_int8(gate_up: Callable, down: Callable) -> Callable:
     """Routed experts of decode through kernels/moe.py: int8 activations, two launches."""
 
-    def moe(w1, w3, w2, x, ids, wts, limit):
-        return down(w2, gate_up(w1, w3, x, ids, wts, limit), ids)
+    def moe(w1, w3, w2, x, ids, wts, limit, **xq):
+        # xq: the int8 form of x, when its producer wrote one (kernels/moe.py moe_gate_up).
+        return down(w2, gate_up(w1, w3, x, ids, wts, limit, **xq), ids)
     return moe
 
 
@@ -121,7 +122,7 @@ def _experts_int8(gate_up: Callable, down: Callable) -> Callable:
 class Ops:
     """Kernel entry points: Triton launchers, or their twins (diagnostic CPU runs).
 
-    `moe(w1, w3, w2, x [1, D], ids int32 [1, K], wts [1, K], limit) -> [1, D]` is the
+    `moe(w1, w3, w2, x [1, D], ids int32 [1, K], wts [1, K], limit[, xq=]) -> [1, D]` is the
     routed-expert sum of one decode token, or its partials [1, P, D] (kernels/moe.py
     moe_down_parts) that hc_post sums.
     """
@@ -222,6 +223,8 @@ class ForwardModel:
         # none off CUDA.
         self._branch = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._forked = False
+        # (x, its int8 form) written by x's producer kernel (hc_split_norm), for x's products.
+        self._quantized: tuple | None = None
         for i in range(config.n_layers):
             r = config.compress_ratios[i]
             w = {f: tensors[f"blk.{i}.{g}"] for f, g in _GGUF_OF_FIELD.items() if f"blk.{i}.{g}" in tensors}
@@ -307,6 +310,11 @@ class ForwardModel:
             return glue_rope(x, positions, cos, sin, inverse)
         return apply_rope(x, positions, omega, inverse)
 
+    def quantized(self, x: torch.Tensor):
+        """The int8 form (`quantize_act`) that x's producer wrote beside x, or None."""
+        q = self._quantized
+        return q[1] if q is not None and q[0] is x else None
+
     def _int8_act(self, w: Planar) -> bool:
         """Whether this weight's products take int8 activations (Ops.q8_matvec). The Triton forms
         quantise whole 256-input super-blocks (kernels/moe.quantize_act): K % 256 == 0, as on Flash."""
@@ -316,6 +324,8 @@ class ForwardModel:
         """x [T, K] @ W^T -> [T, N]: mat-vec kernel for decode, dequantise + matmul for chunks."""
         q8 = self._int8_act(w)
         if x.shape[0] <= MAX_COLS:
+            if q8 and self.quantized(x) is not None:
+                return self.ops.q8_matvec(w, x, xq=self.quantized(x))
             return (self.ops.q8_matvec if q8 else self.ops.matvec)(w, x.contiguous())
         if q8:
             return self.ops.q8_gemm(w, x.contiguous())
@@ -372,9 +382,15 @@ class ForwardModel:
             # scales the mix by rsqrt(mean(rows^2) + eps) (one launch and a 64 KB pass fewer).
             mix = self.hc_mix(fn, rows)                              # [(S,) T, (2+n)n]
             if self.ops.hc_split is hc_split and self.ops.glue:
-                # The weighted sum and the sublayer's RMS norm in the same launch.
-                return hc_split_norm(mix, scale, base, n, c.hc_sinkhorn_iters, c.hc_eps, rows, c.norm_eps,
-                                     norm_weight)
+                # The weighted sum and the sublayer's RMS norm in the same launch; with int8
+                # activations also h's int8 form, which h's products then take (`quantized`).
+                if self.ops.q8_matvec is None or c.dim % QK_K:
+                    return hc_split_norm(mix, scale, base, n, c.hc_sinkhorn_iters, c.hc_eps, rows, c.norm_eps,
+                                         norm_weight)
+                h, post, m, hq = hc_split_norm(mix, scale, base, n, c.hc_sinkhorn_iters, c.hc_eps, rows,
+                                               c.norm_eps, norm_weight, quantize=True)
+                self._quantized = (h, hq)
+                return h, post, m
             pre, post, m = self.ops.hc_split(mix, scale, base, n, c.hc_sinkhorn_iters, c.hc_eps, rows, c.norm_eps)
         else:
             # Chunks keep the norm first: their dense projection may run in fp16, where the raw
@@ -743,7 +759,9 @@ class ForwardModel:
             sel, wts = self.route(x, tokens, layer, stable_topk)
             ids, wts = sel.to(torch.int32), wts.float().contiguous()           # [1, K]
         shared = self.on_branch(self.shared, x, layer)
-        y = self.ops.moe(w["w1"], w["w3"], w["w2"], x.contiguous(), ids, wts, layer.swiglu_limit)
+        xq = self.quantized(x)
+        y = self.ops.moe(w["w1"], w["w3"], w["w2"], x.contiguous(), ids, wts, layer.swiglu_limit,
+                         **({"xq": xq} if xq is not None else {}))
         self.join_branch()
         return y, shared
 

@@ -129,3 +129,71 @@ def test_triton_glue_forward_matches_reference(model_path, tokens, numerics, fus
         cu.eval(t)
         errors.append(logprob_error(ref.logits(), cu.logits()))
     assert max(errors) <= tol(f"{numerics}_numerics"), errors
+
+
+def test_int8_ops_products_match_their_twins_in_the_forward(tmp_path, tol, logprob_error):
+    """TRITON_INT8_OPS (int8-activation Q8_0 products: dp4a mat-vecs, the grouped out-a, chunk
+    GEMMs on the codes, h's int8 form written by hc_split_norm and reused by its products) under
+    the interpreter, prefill + decode steps. Every product the forward makes is checked against
+    its twin on the same x (a stale or wrong int8 form would miss by far more than fp32 order),
+    and the quantiser launches are counted (h's two forms come from hc_split_norm).
+
+    End to end the logits are only held loosely: fp32-order differences (the glue kernels vs
+    torch) flip int8 codes, which on this tiny random model moves the top-20 by 0.02-0.05 (the
+    int8 twins with the glue kernels vs without), while dropping the chunk rounding altogether
+    moves it by only 0.06-0.08; the per-product checks are what discriminate here. Every Q8_0
+    input width is a multiple of 256 (the Triton quantiser's super-block), as on Flash."""
+    from dwarfstar.engine.cuda_engine import CudaEngine
+    from dwarfstar.kernels import moe
+    from dwarfstar.kernels.matvec_int8 import expert_matvec_q8_ref, matvec_q8_ref
+    from dwarfstar.kernels.prefill_q8 import gemm_q8_ref
+    from dwarfstar.model import forward as fw
+
+    config = dataclasses.replace(CONFIG, q_lora_rank=256, o_lora_rank=128)
+    path = synthesize(tmp_path / "tiny256.gguf", config=config)
+    calls = {"matvec": 0, "grouped": 0, "gemm": 0, "quantise": 0}
+
+    def checked(name, fn, twin):
+        def run(w, *args, **kw):
+            calls[name] += 1
+            got = fn(w, *args, **kw)
+            want = twin(w, *args).double()
+            assert ((got.double() - want).norm() / want.norm()).item() <= tol("int8_vs_twin"), name
+            return got
+        return run
+
+    ops = dataclasses.replace(
+        fw.TRITON_INT8_OPS,
+        q8_matvec=checked("matvec", fw.TRITON_INT8_OPS.q8_matvec, matvec_q8_ref),
+        q8_expert_matvec=checked("grouped", fw.TRITON_INT8_OPS.q8_expert_matvec, expert_matvec_q8_ref),
+        q8_gemm=checked("gemm", fw.TRITON_INT8_OPS.q8_gemm, gemm_q8_ref))
+    twin = CudaEngine.load(path, EngineOptions(backend="cuda", ctx=64), ops=fw.TWIN_INT8_OPS).new_session()
+    fast = CudaEngine.load(path, EngineOptions(backend="cuda", ctx=64), ops=ops).new_session()
+    toks = torch.randint(0, config.vocab_size, (11,), generator=torch.Generator().manual_seed(11)).tolist()
+    twin.sync(toks[:9])
+    fast.sync(toks[:9])
+    errors = [logprob_error(twin.logits(), fast.logits())]
+    # Chunk products per layer: q_a, kv, q_b, out-a, out-b, shared gate, up, down; then the head.
+    assert calls["gemm"] == 8 * config.n_layers and calls["matvec"] == 1
+    quantise = moe.quantize_act
+
+    def counted(*a, **k):
+        calls["quantise"] += 1
+        return quantise(*a, **k)
+
+    fw.quantize_act = moe.quantize_act = counted
+    try:
+        for t in toks[9:]:
+            twin.eval(t)
+            fast.eval(t)
+            errors.append(logprob_error(twin.logits(), fast.logits()))
+    finally:
+        fw.quantize_act = moe.quantize_act = quantise
+    steps = len(toks) - 9
+    # Per step and layer: q_a + kv, q_b, out-b, shared gate + up, shared down (mat-vecs), out-a
+    # (grouped); the quantiser for q_b, out-a, out-b, shared down and the routed down (not for
+    # the two h's), plus the head's mat-vec and its quantiser.
+    assert calls["matvec"] == 1 + steps * (5 * config.n_layers + 1)
+    assert calls["grouped"] == steps * config.n_layers
+    assert calls["quantise"] == steps * (5 * config.n_layers + 1), calls
+    assert max(errors) <= tol("int8_flips_tiny"), errors

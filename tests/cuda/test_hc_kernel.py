@@ -134,3 +134,29 @@ def test_hc_split_norm_matches_twin(t, d):
     assert not torch.isnan(got[0]).any() and got[0].shape == h.shape
     for a, b in zip(got, want):
         assert ((a.double() - b).norm() / b.norm()).item() < 1e-6
+
+
+@pytest.mark.parametrize("t,d", [(1, 4096), (2, 256)])
+def test_hc_split_norm_quantized_h_equals_the_quantiser(t, d):
+    """quantize=True: the same (h, post, m), and h's int8 form bit-equal to kernels/moe.py's
+    quantize_act of that h (words, scales and per-16 sums), which the products then skip."""
+    from dwarfstar.kernels.hc import hc_split_norm
+    from dwarfstar.kernels.moe import quantize_act
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=dev).manual_seed(7 * t + d)
+    n, iters, eps, norm_eps = 4, 20, 1e-6, 1e-6
+    x = torch.randn(t, n * d, generator=g, device=dev) * 3
+    x[0, :64] = 0                                       # zero blocks in h's first 32 inputs
+    mix = torch.randn(3, t, (2 + n) * n, generator=g, device=dev)
+    scale = torch.rand(3, generator=g, device=dev)
+    base = torch.randn((2 + n) * n, generator=g, device=dev)
+    weight = torch.rand(d, generator=g, device=dev) + 0.5
+    weight[:32] = 0                                      # an all-zero block of h: scale 0
+    plain = hc_split_norm(mix, scale, base, n, iters, eps, x, norm_eps, weight)
+    *fused, hq = hc_split_norm(mix, scale, base, n, iters, eps, x, norm_eps, weight, quantize=True)
+    for a, b in zip(fused, plain):
+        assert torch.equal(a, b)
+    for a, b in zip(hq, quantize_act(plain[0])):
+        assert torch.equal(a, b)
+    assert (hq[1][:, 0] == 0).all()
