@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dwarfstar.kernels.moe import act_buffers, store_int8_act
 from dwarfstar.model.attention import _attend
 
 BLOCK_N = 16      # keys per program
@@ -128,9 +129,12 @@ def _attend_partial_kernel(q_ptr, raw_ptr, ring_pos_ptr, kv_ptr, pos_ptr, comp_p
 
 @triton.jit
 def _attend_combine_kernel(m_ptr, l_ptr, o_ptr, sinks_ptr, out_ptr, H, D, NB,
-                           NB_P2: tl.constexpr, BLOCK_D: tl.constexpr):
+                           pos_ptr, cos_ptr, sin_ptr, qw_ptr, qs_ptr, qq_ptr,
+                           NB_P2: tl.constexpr, BLOCK_D: tl.constexpr, NP: tl.constexpr,
+                           ROPE: tl.constexpr, QUANT: tl.constexpr, USE_ASM: tl.constexpr):
     h = tl.program_id(0)
-    dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d0 = tl.program_id(1) * BLOCK_D
+    dd = d0 + tl.arange(0, BLOCK_D)
     blk = tl.arange(0, NB_P2)
     ok = blk < NB
     m = tl.load(m_ptr + blk * H + h, mask=ok, other=float("-inf"))
@@ -141,10 +145,28 @@ def _attend_combine_kernel(m_ptr, l_ptr, o_ptr, sinks_ptr, out_ptr, H, D, NB,
     scale = tl.exp(m - mx)
     den = tl.sum(l * scale, axis=0) + tl.exp(sink - mx)
     o = tl.load(o_ptr + (blk * H + h)[:, None] * D + dd[None, :], mask=ok[:, None], other=0.0)
-    tl.store(out_ptr + h * D + dd, tl.div_rn(tl.sum(o * scale[:, None], axis=0), den))
+    y = tl.div_rn(tl.sum(o * scale[:, None], axis=0), den)
+    if ROPE:
+        # The inverse RoPE of the last 2 NP dims (glue._rope_kernel's products, angle -phi),
+        # pair (2j, 2j + 1) of this block; dims below D - 2 NP pass through.
+        a, b = tl.split(tl.reshape(y, [BLOCK_D // 2, 2]))
+        j = (d0 - (D - 2 * NP)) // 2 + tl.arange(0, BLOCK_D // 2)
+        rot = j >= 0
+        p = tl.maximum(tl.load(pos_ptr), 0)
+        c = tl.load(cos_ptr + p * NP + j, mask=rot, other=1.0)
+        s = -tl.load(sin_ptr + p * NP + j, mask=rot, other=0.0)
+        y = tl.reshape(tl.join(tl.where(rot, a * c - b * s, a), tl.where(rot, a * s + b * c, b)), [BLOCK_D])
+    tl.store(out_ptr + h * D + dd, y)
+    if QUANT:
+        # Out-a's int8 form: the row-major [H * D] order, which is the grouped rows' order.
+        e0 = h * D + d0
+        store_int8_act(y, qw_ptr + e0 // 4, qs_ptr + e0 // 32, qq_ptr + e0 // 16, BLOCK_D // 32, USE_ASM)
 
 
-def attend_decode(q, raw, ring_pos, kv, pos, comp, comp_idx, ratio, sinks) -> torch.Tensor:
+def attend_decode(q, raw, ring_pos, kv, pos, comp, comp_idx, ratio, sinks, inv_rope=None, quantize=False):
+    """o [H, D] (module contract). inv_rope = (cos, sin) tables of glue.rope_table: the combine
+    also applies the inverse RoPE to o's last dims (glue.rope(o, pos, cos, sin, inverse=True)).
+    quantize: also o's int8 form, quantize_act(o.view(G, -1)) for any G | H, as (o, oq)."""
     n_heads, d = q.shape
     w = raw.shape[0]
     for name, t in (("q", q), ("raw", raw), ("kv", kv), ("sinks", sinks), ("comp", comp)):
@@ -173,7 +195,18 @@ def attend_decode(q, raw, ring_pos, kv, pos, comp, comp_idx, ratio, sinks) -> to
         HAS_COMP=has_comp, HAS_IDX=has_idx, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=NUM_WARPS)
     combine_d = min(COMBINE_D, d)
-    _attend_combine_kernel[(n_heads, d // combine_d)](m, l, part, sinks, out, n_heads, d, n_blocks,
-                                                      NB_P2=triton.next_power_of_2(n_blocks),
-                                                      BLOCK_D=combine_d, num_warps=NUM_WARPS)
-    return out
+    n_pairs = 1
+    if inv_rope is not None:
+        cos, sin = inv_rope
+        n_pairs = cos.shape[1]
+        assert cos.is_contiguous() and sin.is_contiguous() and cos.shape == sin.shape
+        assert 2 * n_pairs <= combine_d and n_pairs & (n_pairs - 1) == 0, "rotated dims within one D block"
+    oq = None
+    if quantize:
+        assert combine_d % 32 == 0 and (n_heads * d) % 256 == 0, "o's int8 form: whole 32-blocks per program"
+        oq = act_buffers(1, n_heads * d, q.device)
+    _attend_combine_kernel[(n_heads, d // combine_d)](
+        m, l, part, sinks, out, n_heads, d, n_blocks, pos, *(inv_rope or (sinks, sinks)), *(oq or (out, out, out)),
+        NB_P2=triton.next_power_of_2(n_blocks), BLOCK_D=combine_d, NP=n_pairs, ROPE=inv_rope is not None,
+        QUANT=quantize, USE_ASM=q.is_cuda, num_warps=NUM_WARPS)
+    return (out, oq) if quantize else out

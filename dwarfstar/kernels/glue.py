@@ -17,6 +17,9 @@ Contract:
   formed as in `rms_norm`, then the same products), a new tensor. Twin: `norm_rope_ref`.
 - `swiglu(g, v, limit)`: g, v float32 [R, F] -> silu(min(g, limit)) * clamp(v, -limit, limit)
   (no clamp when limit <= 0), as model/moe.swiglu (up to 4 torch launches; the shared expert's).
+- `rms_norm(..., quantize=True)` / `swiglu(..., quantize=True)` -> (y, yq): also y's int8 form,
+  kernels/moe.py `quantize_act(y)` bit for bit, from the same registers (rows of a multiple of
+  256), for the int8-activation products that read y (no quantiser launch of their own).
 All differ from their twins (`rms_norm_ref`, `rope_ref`, model/moe.swiglu) by fp32 rounding only
 (sum order, contraction into FMA, the exp).
 """
@@ -27,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dwarfstar.kernels.moe import act_buffers, store_int8_act
 from dwarfstar.model.numerics import rms_norm as rms_norm_ref
 from dwarfstar.model.rope import apply_rope
 
@@ -57,7 +61,8 @@ def row_rsqrt(x_ptr, row, eps, D, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, D, eps, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, D, eps, qw_ptr, qs_ptr, qq_ptr, HAS_W: tl.constexpr, BLOCK: tl.constexpr,
+                     QUANT: tl.constexpr, USE_ASM: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * D
     r = row_rsqrt(x_ptr, row, eps, D, BLOCK)
@@ -68,9 +73,20 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, D, eps, HAS_W: tl.constexpr, BLOCK: tl
         if HAS_W:
             y = y * tl.load(w_ptr + offs, mask=m, other=0.0)
         tl.store(y_ptr + base + offs, y, mask=m)
+        if QUANT:   # BLOCK divides D (the launcher's check): no masked lane
+            store_int8_act(y, qw_ptr + row * (D // 4) + d0 // 4, qs_ptr + row * (D // 32) + d0 // 32,
+                           qq_ptr + row * (D // 16) + d0 // 16, BLOCK // 32, USE_ASM)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+def _act_form(rows: int, d: int, block: int, quantize: bool, device):
+    """int8-form buffers for `quantize=True` (or placeholders), after the launchers' check."""
+    if not quantize:
+        return None
+    assert d % 256 == 0 and d % block == 0, "the int8 form needs rows of a multiple of 256"
+    return act_buffers(rows, d, device)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, quantize: bool = False):
     assert x.dtype == torch.float32, "x: float32"
     d = x.shape[-1]
     xc = x.contiguous()
@@ -78,9 +94,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     if weight is not None:
         assert weight.dtype == torch.float32 and weight.is_contiguous() and weight.shape == (d,)
     block = min(NORM_BLOCK, triton.next_power_of_2(d))
-    _rms_norm_kernel[(xc.numel() // d,)](xc, weight if weight is not None else xc, y, d, eps,
-                                         HAS_W=weight is not None, BLOCK=block, num_warps=4)
-    return y
+    rows = xc.numel() // d
+    yq = _act_form(rows, d, block, quantize, x.device)
+    _rms_norm_kernel[(rows,)](xc, weight if weight is not None else xc, y, d, eps, *(yq or (y, y, y)),
+                              HAS_W=weight is not None, BLOCK=block, QUANT=quantize, USE_ASM=x.is_cuda,
+                              num_warps=4)
+    return (y, yq) if quantize else y
 
 
 @triton.jit
@@ -176,7 +195,8 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, position
 
 
 @triton.jit
-def _swiglu_kernel(g_ptr, v_ptr, y_ptr, F, limit, HAS_LIMIT: tl.constexpr, BLOCK: tl.constexpr):
+def _swiglu_kernel(g_ptr, v_ptr, y_ptr, F, limit, qw_ptr, qs_ptr, qq_ptr, HAS_LIMIT: tl.constexpr,
+                   BLOCK: tl.constexpr, QUANT: tl.constexpr, USE_ASM: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < F
@@ -185,14 +205,21 @@ def _swiglu_kernel(g_ptr, v_ptr, y_ptr, F, limit, HAS_LIMIT: tl.constexpr, BLOCK
     if HAS_LIMIT:
         g = tl.minimum(g, limit)
         v = tl.minimum(tl.maximum(v, -limit), limit)
-    tl.store(y_ptr + row * F + offs, g / (1.0 + tl.exp(-g)) * v, mask=mask)
+    y = g / (1.0 + tl.exp(-g)) * v
+    tl.store(y_ptr + row * F + offs, y, mask=mask)
+    if QUANT:   # BLOCK divides F (the launcher's check): no masked lane
+        d0 = tl.program_id(1) * BLOCK
+        store_int8_act(y, qw_ptr + row * (F // 4) + d0 // 4, qs_ptr + row * (F // 32) + d0 // 32,
+                       qq_ptr + row * (F // 16) + d0 // 16, BLOCK // 32, USE_ASM)
 
 
-def swiglu(g: torch.Tensor, v: torch.Tensor, limit: float) -> torch.Tensor:
+def swiglu(g: torch.Tensor, v: torch.Tensor, limit: float, quantize: bool = False):
     assert g.dtype == v.dtype == torch.float32 and g.shape == v.shape and g.dim() == 2
     g, v = g.contiguous(), v.contiguous()
     y = torch.empty_like(g)
     r, f = g.shape
-    _swiglu_kernel[(r, triton.cdiv(f, NORM_BLOCK))](g, v, y, f, float(limit), HAS_LIMIT=limit > 0,
-                                                     BLOCK=NORM_BLOCK, num_warps=4)
-    return y
+    block = min(NORM_BLOCK, triton.next_power_of_2(f))
+    yq = _act_form(r, f, block, quantize, g.device)
+    _swiglu_kernel[(r, triton.cdiv(f, block))](g, v, y, f, float(limit), *(yq or (y, y, y)), HAS_LIMIT=limit > 0,
+                                               BLOCK=block, QUANT=quantize, USE_ASM=g.is_cuda, num_warps=4)
+    return (y, yq) if quantize else y

@@ -43,17 +43,19 @@ TILING_SHORT_ROWS = (16, 512, 4)
 TILING_SLOTS = (8, 1024, 4)
 
 
-def matvec_q8_ref(w: PlanarQ8_0, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def matvec_q8_ref(w: PlanarQ8_0, x: torch.Tensor, out: torch.Tensor | None = None, xq=None) -> torch.Tensor:
     """Twin of `matvec_q8` from the unquantised x: the int8-rounded activations times the
     dequantised weight, one fp32 matmul (as matvec_ref, so a forward on the twins computes what
-    the reference with `Numerics.int8_act` does, product for product)."""
+    the reference with `Numerics.int8_act` does, product for product). xq (a producer's int8
+    form of x) is ignored: the twin rounds x itself."""
     y = int8_round(x.float()) @ dequantize_planar(w).T
     return y if out is None else out.copy_(y)
 
 
 def expert_matvec_q8_ref(w: PlanarQ8_0, ids: torch.Tensor, x: torch.Tensor,
-                         out: torch.Tensor | None = None) -> torch.Tensor:
-    """Twin of `expert_matvec_q8` from the unquantised x [S, K] (fp32, as expert_matvec_ref)."""
+                         out: torch.Tensor | None = None, xq=None) -> torch.Tensor:
+    """Twin of `expert_matvec_q8` from the unquantised x [S, K] (fp32, as expert_matvec_ref; xq
+    ignored as in matvec_q8_ref)."""
     wsel = dequantize_planar(select_experts(w, ids))                            # [S, N, K]
     y = torch.bmm(wsel, int8_round(x.float())[:, :, None])[:, :, 0]
     return y if out is None else out.copy_(y)

@@ -90,8 +90,9 @@ def _clamped_swiglu(g: torch.Tensor, v: torch.Tensor, limit: float) -> torch.Ten
 
 
 def moe_gate_up_ref(gate: Planar, up: Planar, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                    limit: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Twin of `moe_gate_up`: dequantise the selected experts, float64 products."""
+                    limit: float, out: torch.Tensor | None = None, xq=None) -> torch.Tensor:
+    """Twin of `moe_gate_up`: dequantise the selected experts, float64 products (xq, a producer's
+    int8 form of x, is ignored: the twin quantises x itself)."""
     n_tok, k = ids.shape
     flat = ids.reshape(-1)
     xq = _dequantized_act(x).repeat_interleave(k, dim=0)  # [B*K, D]

@@ -90,8 +90,8 @@ def _q8_dense(w: Planar, x: torch.Tensor, xq=None) -> torch.Tensor:
     return matvec_q8(w, xq or quantize_act(x))
 
 
-def _q8_grouped(w: Planar, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return expert_matvec_q8(w, ids, quantize_act(x))
+def _q8_grouped(w: Planar, ids: torch.Tensor, x: torch.Tensor, xq=None) -> torch.Tensor:
+    return expert_matvec_q8(w, ids, xq or quantize_act(x))
 
 
 def _q8_chunk(w: Planar, x: torch.Tensor) -> torch.Tensor:
@@ -223,8 +223,9 @@ class ForwardModel:
         # none off CUDA.
         self._branch = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._forked = False
-        # (x, its int8 form) written by x's producer kernel (hc_split_norm), for x's products.
-        self._quantized: tuple | None = None
+        # id(x) -> (x, its int8 form) written by x's producer kernel (hc_split_norm, the glue
+        # RMS norm and SwiGLU) for x's int8-activation products; emptied per block.
+        self._quantized: dict[int, tuple] = {}
         for i in range(config.n_layers):
             r = config.compress_ratios[i]
             w = {f: tensors[f"blk.{i}.{g}"] for f, g in _GGUF_OF_FIELD.items() if f"blk.{i}.{g}" in tensors}
@@ -312,8 +313,13 @@ class ForwardModel:
 
     def quantized(self, x: torch.Tensor):
         """The int8 form (`quantize_act`) that x's producer wrote beside x, or None."""
-        q = self._quantized
+        q = self._quantized.get(id(x))
         return q[1] if q is not None and q[0] is x else None
+
+    def _writes_int8(self, y_rows: int, width: int, consumer: Planar) -> bool:
+        """Whether a glue producer of a decode activation [y_rows, width] should also write its
+        int8 form: the consumer takes int8 activations and the rows are whole super-blocks."""
+        return self.ops.glue and y_rows <= MAX_COLS and width % QK_K == 0 and self._int8_act(consumer)
 
     def _int8_act(self, w: Planar) -> bool:
         """Whether this weight's products take int8 activations (Ops.q8_matvec). The Triton forms
@@ -389,7 +395,7 @@ class ForwardModel:
                                          norm_weight)
                 h, post, m, hq = hc_split_norm(mix, scale, base, n, c.hc_sinkhorn_iters, c.hc_eps, rows,
                                                c.norm_eps, norm_weight, quantize=True)
-                self._quantized = (h, hq)
+                self._quantized[id(h)] = (h, hq)
                 return h, post, m
             pre, post, m = self.ops.hc_split(mix, scale, base, n, c.hc_sinkhorn_iters, c.hc_eps, rows, c.norm_eps)
         else:
@@ -436,6 +442,7 @@ class ForwardModel:
 
     def block(self, x, tokens, positions, layer: Layer, s: CudaLayerState, state, chunk_t0):
         w, c = layer.w, self.config
+        self._quantized.clear()
         h, post, m = self.hc_pre(x, w["hc_attn_fn"], w["hc_attn_scale"], w["hc_attn_base"], w["attn_norm"])
         f = self.attention(h, positions, layer, s, state, chunk_t0)
         x = self.hc_post(f, x, post, m)
@@ -480,7 +487,12 @@ class ForwardModel:
     def attention(self, h, positions, layer: Layer, s: CudaLayerState, state, chunk_t0):
         c, w = self.config, layer.w
         t, n_heads, d = h.shape[0], c.n_heads, c.head_dim
-        qr = self.norm(self.proj_part(w["wq_a"], h), w["q_norm"])
+        a = self.proj_part(w["wq_a"], h)
+        if self._writes_int8(t, a.shape[-1], w["wq_b"]):
+            qr, qq = glue_rms_norm(a, w["q_norm"], self.config.norm_eps, quantize=True)
+            self._quantized[id(qr)] = (qr, qq)
+        else:
+            qr = self.norm(a, w["q_norm"])
         kv = self.norm_rope(self.proj_part(w["wkv"], h), w["kv_norm"], positions, layer.omega)
         kv = self.kv_rounding(kv)                                            # [T, Dh]
         step = chunk_t0 is None and self.ops.glue
@@ -494,9 +506,12 @@ class ForwardModel:
             self.join_branch()
             # kernels/attend.py reads the ring, this token's row and the compressed rows in place
             # (no key concatenation, no mask tensors) and writes this token's ring slot.
-            o = attend_decode(q[0], s.raw, state.ring_pos, kv, positions, comp, idx, layer.ratio,
-                              w["attn_sink"])[None]                                # [1, H, Dh]
-            o = self.rope(o, positions, layer.omega, inverse=True)
+            args = (q[0], s.raw, state.ring_pos, kv, positions, comp, idx, layer.ratio, w["attn_sink"])
+            if self._writes_int8(t, c.n_heads * d // c.o_groups, w["wo_a_grouped"]):
+                # The combine also applies the inverse RoPE and writes out-a's int8 form.
+                o, oq = attend_decode(*args, inv_rope=self._rope_tables[id(layer.omega)], quantize=True)
+                return self.out_proj(o[None].reshape(t, c.o_groups, -1), w, oq)
+            o = self.rope(attend_decode(*args)[None], positions, layer.omega, inverse=True)   # [1, H, Dh]
             return self.out_proj(o.reshape(t, c.o_groups, -1), w)
         if chunk_t0 is not None:
             return self.attention_chunk(h, qr, q, kv, positions, layer, s, state, chunk_t0)
@@ -545,13 +560,19 @@ class ForwardModel:
         o = self.rope(o, positions, layer.omega, inverse=True)
         return self.out_proj(o.reshape(t, c.o_groups, -1), w)
 
-    def out_proj(self, o: torch.Tensor, w: dict) -> torch.Tensor:
-        """Grouped out-a (one [R_o, H*Dh/G] matrix per group) then out-b."""
+    def out_proj(self, o: torch.Tensor, w: dict, oq=None) -> torch.Tensor:
+        """Grouped out-a (one [R_o, H*Dh/G] matrix per group) then out-b; oq: o's int8 form (the
+        attention combine wrote it, decode)."""
         t, g, _ = o.shape
         q8 = self._int8_act(w["wo_a_grouped"])
         if t == 1:
-            mv = self.ops.q8_expert_matvec if q8 else self.ops.expert_matvec
-            y = mv(w["wo_a_grouped"], self.group_ids, o[0].contiguous()).reshape(1, -1)
+            if oq is not None:
+                oq = tuple(a.view(g, -1) for a in oq)        # [1, H Dh] -> one row per group
+                y = self.ops.q8_expert_matvec(w["wo_a_grouped"], self.group_ids, o[0], xq=oq)
+            else:
+                mv = self.ops.q8_expert_matvec if q8 else self.ops.expert_matvec
+                y = mv(w["wo_a_grouped"], self.group_ids, o[0].contiguous())
+            y = y.reshape(1, -1)
         elif q8:
             y = self.ops.q8_gemm(w["wo_a_grouped"], o.reshape(t, -1).contiguous())
         else:
@@ -743,8 +764,13 @@ class ForwardModel:
 
     def shared(self, x, layer: Layer):
         w = layer.w
-        act = glue_swiglu if self.ops.glue and x.shape[0] <= MAX_COLS else swiglu
-        mid = act(self.proj_part(w["shared_w1"], x), self.proj_part(w["shared_w3"], x), layer.swiglu_limit)
+        g, v = self.proj_part(w["shared_w1"], x), self.proj_part(w["shared_w3"], x)
+        if self._writes_int8(x.shape[0], g.shape[-1], w["shared_w2"]):
+            mid, mq = glue_swiglu(g, v, layer.swiglu_limit, quantize=True)
+            self._quantized[id(mid)] = (mid, mq)
+        else:
+            act = glue_swiglu if self.ops.glue and x.shape[0] <= MAX_COLS else swiglu
+            mid = act(g, v, layer.swiglu_limit)
         return self.proj(w["shared_w2"], mid)
 
     def moe_step(self, x, tokens, layer: Layer):

@@ -83,3 +83,24 @@ def test_attend_decode_flash_shapes(ratio, ctx, pos, tol):
         g = torch.Generator().manual_seed(pos)
         idx = torch.randperm(cap, generator=g)[:512].tolist()
     _check(_case(64, 512, 128, pos, cap, idx, ratio, seed=ratio + pos), tol("attend_decode"))
+
+
+@pytest.mark.parametrize("d,n_pairs", [(128, 16), (64, 32)])
+def test_combine_with_inverse_rope_and_int8_form(d, n_pairs):
+    """attend_decode(inv_rope=, quantize=True) = glue.rope(attend_decode(...), inverse=True), and
+    the int8 form is quantize_act of that o (flattened: any group split of its rows)."""
+    from dwarfstar.kernels.glue import rope, rope_table
+    from dwarfstar.kernels.moe import quantize_act
+
+    h, pos = 8, 21
+    case = _case(h, d, 8, pos, 12, [3, 7, 0, 11, 4], 4, seed=5)
+    omega = torch.rand(n_pairs, dtype=torch.float64, device=DEV) * 0.5
+    cos, sin = rope_table(omega, 64)
+    plain_case = dict(case, raw=case["raw"].clone())
+    want = rope(attend_decode(**plain_case)[None], case["pos"], cos, sin, inverse=True)[0]
+    got, oq = attend_decode(**case, inv_rope=(cos, sin), quantize=True)
+    assert torch.equal(case["raw"], plain_case["raw"])
+    # The same products as the rope kernel; only FMA contraction may differ between kernels.
+    assert (got - want).abs().max().item() <= 1e-6 * want.abs().max().item()
+    for a, b in zip(oq, quantize_act(got.reshape(1, -1))):
+        assert torch.equal(a, b)

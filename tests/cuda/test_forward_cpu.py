@@ -133,7 +133,8 @@ def test_triton_glue_forward_matches_reference(model_path, tokens, numerics, fus
 
 def test_int8_ops_products_match_their_twins_in_the_forward(tmp_path, tol, logprob_error):
     """TRITON_INT8_OPS (int8-activation Q8_0 products: dp4a mat-vecs, the grouped out-a, chunk
-    GEMMs on the codes, h's int8 form written by hc_split_norm and reused by its products) under
+    GEMMs on the codes; the int8 forms written by hc_split_norm, the q norm, the attention combine
+    (with the inverse RoPE) and SwiGLU) under
     the interpreter, prefill + decode steps. Every product the forward makes is checked against
     its twin on the same x (a stale or wrong int8 form would miss by far more than fp32 order),
     and the quantiser launches are counted (h's two forms come from hc_split_norm).
@@ -191,9 +192,10 @@ def test_int8_ops_products_match_their_twins_in_the_forward(tmp_path, tol, logpr
         fw.quantize_act = moe.quantize_act = quantise
     steps = len(toks) - 9
     # Per step and layer: q_a + kv, q_b, out-b, shared gate + up, shared down (mat-vecs), out-a
-    # (grouped); the quantiser for q_b, out-a, out-b, shared down and the routed down (not for
-    # the two h's), plus the head's mat-vec and its quantiser.
+    # (grouped); the quantiser for out-b and the routed down only (the two h's, q_b's, out-a's and
+    # the shared down's inputs come from hc_split_norm, the q norm, the attention combine and
+    # SwiGLU), plus the head's mat-vec and its quantiser.
     assert calls["matvec"] == 1 + steps * (5 * config.n_layers + 1)
     assert calls["grouped"] == steps * config.n_layers
-    assert calls["quantise"] == steps * (5 * config.n_layers + 1), calls
+    assert calls["quantise"] == steps * (2 * config.n_layers + 1), calls
     assert max(errors) <= tol("int8_flips_tiny"), errors

@@ -73,3 +73,23 @@ def test_swiglu_matches_reference(limit):
     assert ((got.double() - want).norm() / want.norm()).item() < 1e-6
     if limit > 0:
         assert (got.double() - swiglu_ref(gate.double(), up.double(), 0.0)).abs().max() > 1   # the clamp acts
+
+
+@pytest.mark.parametrize("rows,d", [(1, 1024), (3, 256)])
+def test_quantized_forms_equal_the_quantiser(rows, d):
+    """rms_norm / swiglu with quantize=True: the same y, and y's int8 form bit-equal to
+    kernels/moe.py quantize_act(y) (what the int8-activation products would make themselves)."""
+    from dwarfstar.kernels.glue import rms_norm, swiglu
+    from dwarfstar.kernels.moe import quantize_act
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=dev).manual_seed(rows * d)
+    x = torch.randn(rows, d, generator=g, device=dev) * 2
+    w = torch.rand(d, generator=g, device=dev) + 0.5
+    w[:32] = 0                                                     # an all-zero block: scale 0
+    v = torch.randn(rows, d, generator=g, device=dev) * 4
+    for plain, (y, yq) in ((rms_norm(x, w, 1e-6), rms_norm(x, w, 1e-6, quantize=True)),
+                           (swiglu(x, v, 10.0), swiglu(x, v, 10.0, quantize=True))):
+        assert torch.equal(y, plain)
+        for a, b in zip(yq, quantize_act(plain)):
+            assert torch.equal(a, b)
