@@ -30,8 +30,8 @@ The state is a `CudaDecodeState` (engine/cuda_state.py); `pos` is the GPU mirror
 
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -167,10 +167,12 @@ TRITON_FUSED_OPS = Ops(matvec, expert_matvec, hc_split, _experts_int8(moe_gate_u
                        FUSED_PARTS)
 TWIN_FUSED_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False, True,
                      FUSED_PARTS)
-# Twins of the production numerics (int8 activations of routed experts and Q8_0 mat-vecs), for
-# CPU checks.
+# Twins of the production numerics (int8 routed-expert activations), for CPU checks.
 TWIN_INT8_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_int8(moe_gate_up_ref, moe_down_ref),
-                    True, q8_matvec=matvec_q8_ref, q8_expert_matvec=expert_matvec_q8_ref, q8_gemm=gemm_q8_ref)
+                    True)
+# Twins of TRITON_INT8_OPS's numerics (int8 activations for the Q8_0 products too).
+TWIN_INT8_DENSE_OPS = dataclasses.replace(TWIN_INT8_OPS, q8_matvec=matvec_q8_ref, q8_expert_matvec=expert_matvec_q8_ref,
+                                          q8_gemm=gemm_q8_ref)
 
 
 def _grouped(p: Planar, groups: int) -> Planar:
@@ -330,8 +332,9 @@ class ForwardModel:
         """x [T, K] @ W^T -> [T, N]: mat-vec kernel for decode, dequantise + matmul for chunks."""
         q8 = self._int8_act(w)
         if x.shape[0] <= MAX_COLS:
-            if q8 and self.quantized(x) is not None:
-                return self.ops.q8_matvec(w, x, xq=self.quantized(x))
+            xq = self.quantized(x) if q8 else None
+            if xq is not None:
+                return self.ops.q8_matvec(w, x, xq=xq)
             return (self.ops.q8_matvec if q8 else self.ops.matvec)(w, x.contiguous())
         if q8:
             return self.ops.q8_gemm(w, x.contiguous())

@@ -2,10 +2,11 @@
 
 `int8_expert_moe` is model/moe.py's `moe` except that each routed expert multiplies the
 int8-rounded activations the kernels use (per 32 inputs, scale amax/127; `numerics.int8_round`)
-for both its gate/up input and its down input, and the shared expert's Q8_0 mat-vecs do too
-(`LayerWeights.matvec_input`). `int8_reference(model)` patches it into model/reference.py and
-turns on `Numerics.int8_act` of the model (the other Q8_0 mat-vec inputs: attention's
-projections and the head) for a `with`.
+for both its gate/up input and its down input. `int8_reference(model)` patches it into
+model/reference.py for a `with`: the production numerics (TRITON_OPS). With `dense=True` (the
+candidate TRITON_INT8_OPS) every Q8_0 product's input is rounded too: the shared expert's here
+(`LayerWeights.matvec_input`), attention's projections and the head through the model's
+`Numerics.int8_act`.
 
 `ROUTE_GAPS` records, for every score-routed layer the oracle runs on one token, the gap
 between the K-th and (K+1)-th biased router score (the margin of its top-K choice); the GPU
@@ -23,6 +24,7 @@ from dwarfstar.model import reference
 from dwarfstar.model.numerics import Numerics
 
 INT8 = dataclasses.replace(Numerics.of("official"), int8_act=True)
+_DENSE = [False]        # set by int8_reference(dense=...) for int8_expert_moe's shared expert
 
 
 ROUTE_GAPS: list[float] = []
@@ -49,19 +51,22 @@ def int8_expert_moe(x, tokens, lw, config, dtype):
         mid = ref_moe.swiglu(h @ lw.expert("w1", e, dtype).T, h @ lw.expert("w3", e, dtype).T, lw.swiglu_limit)
         mid = _dequantized_act(w[rows, slot, None] * mid).to(x.dtype)
         out.index_add_(0, rows, mid @ lw.expert("w2", e, dtype).T)
-    xs = lw.matvec_input(x, "shared_w1", INT8)
+    numerics = INT8 if _DENSE[0] else Numerics.of("official")
+    xs = lw.matvec_input(x, "shared_w1", numerics)
     shared = ref_moe.swiglu(xs @ lw.get("shared_w1", dtype).T, xs @ lw.get("shared_w3", dtype).T, lw.swiglu_limit)
-    return out + lw.matvec_input(shared, "shared_w2", INT8) @ lw.get("shared_w2", dtype).T
+    return out + lw.matvec_input(shared, "shared_w2", numerics) @ lw.get("shared_w2", dtype).T
 
 
 @contextlib.contextmanager
-def int8_reference(model):
+def int8_reference(model, dense: bool = False):
     """model: the ReferenceModel whose forward runs inside the `with`."""
     saved, saved_numerics = reference.moe, model.numerics
     reference.moe = int8_expert_moe
-    model.numerics = dataclasses.replace(saved_numerics, int8_act=True)
+    model.numerics = dataclasses.replace(saved_numerics, int8_act=dense)
+    _DENSE[0] = dense
     try:
         yield
     finally:
         reference.moe = saved
         model.numerics = saved_numerics
+        _DENSE[0] = False

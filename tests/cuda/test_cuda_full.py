@@ -92,15 +92,15 @@ def _prompt(n, vocab, seed=0):
 
 class ReferenceRun:
     """A reference engine session on `device`; `int8` = the CUDA engine's int8 rounding points
-    (routed experts' and Q8_0 mat-vecs' inputs, int8_oracle.py)."""
+    (the routed experts' inputs; with `dense` every Q8_0 product's too: int8_oracle.py)."""
 
-    def __init__(self, model, ctx, int8, device="cuda"):
-        self.int8, self.device, self.model = int8, device, model
+    def __init__(self, model, ctx, int8, device="cuda", dense=False):
+        self.int8, self.device, self.model, self.dense = int8, device, model, dense
         with on_device(device):
             self.session = Session(model, ctx, prefill_chunk=ctx)
 
     def _run(self, fn, arg):
-        with on_device(self.device), (int8_reference(self.model) if self.int8 else contextlib.nullcontext()):
+        with on_device(self.device), (int8_reference(self.model, self.dense) if self.int8 else contextlib.nullcontext()):
             fn(arg)
         return self.session.logits()
 

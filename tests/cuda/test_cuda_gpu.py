@@ -41,10 +41,11 @@ def _prompt(n, seed=0):
     return torch.randint(0, 129280, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _ref_logits(reference, state, tokens, int8=True):
+def _ref_logits(reference, state, tokens, int8=True, dense=False):
+    """The oracle's logits; dense: the int8 rounding of every Q8_0 input too (TRITON_INT8_OPS)."""
     torch.set_default_device("cuda")
     try:
-        with int8_reference(reference) if int8 else contextlib.nullcontext():
+        with int8_reference(reference, dense) if int8 else contextlib.nullcontext():
             return reference.forward(state, tokens, all_logits=False)[-1]
     finally:
         torch.set_default_device(None)
@@ -79,7 +80,7 @@ def test_int8_ops_greedy_and_top20_match_reference(engine, reference, tol, logpr
     """The int8-activation Q8_0 products against the oracle that rounds them too (int8_oracle).
     The gate for making TRITON_INT8_OPS production (docs/PERF.md)."""
     with _int8_ops(engine):
-        _check_greedy(engine, reference, tol, logprob_error)
+        _check_greedy(engine, reference, tol, logprob_error, dense=True)
 
 
 def test_int8_ops_prefill_matches_decode(engine, tol, logprob_error):
@@ -104,14 +105,14 @@ def test_fused_part_matches_reference(engine, reference, tol, logprob_error, par
         engine.model.ops = production
 
 
-def _check_greedy(engine, reference, tol, logprob_error):
+def _check_greedy(engine, reference, tol, logprob_error, dense=False):
     bound = tol("int8_official")
     ref_state = _new_ref_state(reference, engine.options.ctx)
     plain_state = _new_ref_state(reference, engine.options.ctx)
     session = engine.new_session()
     prompt = _prompt(N_PROMPT)
     session.sync(prompt)
-    ref = _ref_logits(reference, ref_state, prompt)
+    ref = _ref_logits(reference, ref_state, prompt, dense=dense)
     plain = _ref_logits(reference, plain_state, prompt, int8=False)
     errors = [logprob_error(ref, session.logits())]
     plain_errors = [logprob_error(plain, session.logits())]
@@ -126,7 +127,7 @@ def _check_greedy(engine, reference, tol, logprob_error):
             greedy_flips.append((step, token, int(ref.argmax()), round((top2[0] - top2[1]).item(), 4)))
         session.eval(token)
         int8_oracle.ROUTE_GAPS.clear()
-        ref = _ref_logits(reference, ref_state, [token])
+        ref = _ref_logits(reference, ref_state, [token], dense=dense)
         gaps.append(min(int8_oracle.ROUTE_GAPS, default=math.inf))
         plain = _ref_logits(reference, plain_state, [token], int8=False)
         errors.append(logprob_error(ref, session.logits()))

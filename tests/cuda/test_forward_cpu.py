@@ -134,10 +134,10 @@ def test_triton_glue_forward_matches_reference(model_path, tokens, numerics, fus
 def test_int8_ops_products_match_their_twins_in_the_forward(tmp_path, tol, logprob_error):
     """TRITON_INT8_OPS (int8-activation Q8_0 products: dp4a mat-vecs, the grouped out-a, chunk
     GEMMs on the codes; the int8 forms written by hc_split_norm, the q norm, the attention combine
-    (with the inverse RoPE) and SwiGLU) under
-    the interpreter, prefill + decode steps. Every product the forward makes is checked against
-    its twin on the same x (a stale or wrong int8 form would miss by far more than fp32 order),
-    and the quantiser launches are counted (h's two forms come from hc_split_norm).
+    (with the inverse RoPE) and SwiGLU) under the interpreter vs the same forward on the twins
+    (TWIN_INT8_DENSE_OPS, held to the oracle by test_planar_weights.py), prefill + decode steps.
+    Every product the forward makes is checked against its twin on the same x (a stale or wrong
+    int8 form would miss by far more than fp32 order), and the quantiser launches are counted.
 
     End to end the logits are only held loosely: fp32-order differences (the glue kernels vs
     torch) flip int8 codes, which on this tiny random model moves the top-20 by 0.02-0.05 (the
@@ -168,7 +168,7 @@ def test_int8_ops_products_match_their_twins_in_the_forward(tmp_path, tol, logpr
         q8_matvec=checked("matvec", fw.TRITON_INT8_OPS.q8_matvec, matvec_q8_ref),
         q8_expert_matvec=checked("grouped", fw.TRITON_INT8_OPS.q8_expert_matvec, expert_matvec_q8_ref),
         q8_gemm=checked("gemm", fw.TRITON_INT8_OPS.q8_gemm, gemm_q8_ref))
-    twin = CudaEngine.load(path, EngineOptions(backend="cuda", ctx=64), ops=fw.TWIN_INT8_OPS).new_session()
+    twin = CudaEngine.load(path, EngineOptions(backend="cuda", ctx=64), ops=fw.TWIN_INT8_DENSE_OPS).new_session()
     fast = CudaEngine.load(path, EngineOptions(backend="cuda", ctx=64), ops=ops).new_session()
     toks = torch.randint(0, config.vocab_size, (11,), generator=torch.Generator().manual_seed(11)).tolist()
     twin.sync(toks[:9])

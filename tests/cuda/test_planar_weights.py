@@ -22,7 +22,7 @@ from dwarfstar.gguf.reader import GGUFFile
 from dwarfstar.gguf.synth import TINY, synthesize
 from dwarfstar.kernels.repack import PlanarQ8_0
 from dwarfstar.model.planar_weights import PLANAR_CACHE_LIMIT, on_device, planar_weights
-from dwarfstar.model.forward import TWIN_INT8_OPS, ForwardModel
+from dwarfstar.model.forward import TWIN_INT8_DENSE_OPS, TWIN_INT8_OPS, ForwardModel
 from dwarfstar.model.reference import ReferenceModel
 from test_cuda_full import ReferenceRun, greedy_agreement
 
@@ -62,15 +62,18 @@ def test_reference_on_planar_tensors_equals_reference_on_gguf(tmp_path_factory, 
         assert not weights._cache
 
 
-def test_full_size_test_pipeline_on_tiny_dummy_weights(tol, logprob_error, single_thread):
+@pytest.mark.parametrize("dense", [False, True], ids=["int8-experts", "int8-dense"])
+def test_full_size_test_pipeline_on_tiny_dummy_weights(tol, logprob_error, single_thread, dense):
     """test_cuda_full.py's pipeline at tiny size on the CPU: dummy weights made directly in the
-    planar layouts (no GGUF), the forward on its int8 expert twins (the kernels' numerics) vs the
-    reference on the same tensors with int8-rounded expert inputs. Only fp32-vs-float64 order
-    differs, so the "official_numerics" bound (one FP8/int8 code may move) and no greedy flip."""
+    planar layouts (no GGUF), the forward on its int8 twins (the kernels' numerics; dense: also
+    the Q8_0 products', TRITON_INT8_OPS) vs the reference on the same tensors with the same
+    int8-rounded inputs. Only fp32-vs-float64 order differs, so the "official_numerics" bound
+    (one FP8/int8 code may move) and no greedy flip."""
     tensors = dummy_tensors(CONFIG, "cpu", "q2", progress=False)
-    session = CudaSession(ForwardModel(CONFIG, tensors, "official", TWIN_INT8_OPS), 64, use_graph=False)
+    ops = TWIN_INT8_DENSE_OPS if dense else TWIN_INT8_OPS
+    session = CudaSession(ForwardModel(CONFIG, tensors, "official", ops), 64, use_graph=False)
     reference = ReferenceModel(planar_weights(CONFIG, tensors))
-    oracle, plain = (ReferenceRun(reference, 64, int8, device="cpu") for int8 in (True, False))
+    oracle, plain = (ReferenceRun(reference, 64, int8, device="cpu", dense=dense) for int8 in (True, False))
     prompt = torch.randint(0, CONFIG.vocab_size, (N_PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
     a = greedy_agreement(session, oracle, plain, prompt, 4, tol("official_numerics"), logprob_error)
     assert not a.over and max(a.errors) <= tol("official_numerics"), a.summary()
