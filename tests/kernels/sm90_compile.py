@@ -2,14 +2,19 @@
 
 The CPU interpreter runs Triton kernels without compiling them, so it misses what only the
 compiler rejects (a non-constexpr global read in a kernel, an op with no lowering, a layout
-the backend refuses). This compiles each listed kernel at the constexpr settings production
-and the int8 candidate use, through Triton's own ptxas, for an H100/H200 target. Run as a
-script with TRITON_INTERPRET unset (tests/kernels/test_compile_sm90.py does); prints one line
-per kernel and exits non-zero on the first failure.
+the backend refuses). This compiles, through Triton's own ptxas for an H100/H200 target:
+- the kernels listed in `cases()` at the Flash-shape settings production and the int8 candidate
+  use (the kernels changed for the int8 path);
+- with argv[1] (JSON from record_launches.py), every specialisation a tiny decode step and
+  prefill launched under the interpreter, production and int8 ops.
+Run as a script with TRITON_INTERPRET unset (tests/kernels/test_compile_sm90.py does); prints
+one line per kernel and exits non-zero on the first failure.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import sys
 
@@ -24,13 +29,22 @@ from dwarfstar.kernels import attend, glue, hc, matvec_int8, moe, prefill_q8  # 
 F32, F16, I32, I64, I8 = "*fp32", "*fp16", "*i32", "*i64", "*i8"
 
 
-def compile_sm90(fn, types: dict, constexprs: dict) -> None:
+def compile_sm90(fn, types: dict, constexprs: dict, num_warps: int = 4) -> None:
     """fn's runtime args typed by `types` (pointer/scalar type strings), the rest constexprs."""
     names = fn.arg_names
     missing = [n for n in names if n not in types and n not in constexprs]
     assert not missing, f"{fn.__name__}: no type for {missing}"
     sig = {n: ("constexpr" if n in constexprs else types[n]) for n in names}
-    triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32))
+    triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": num_warps})
+
+
+def recorded(path: str):
+    """The specialisations record_launches.py wrote."""
+    for spec in json.loads(open(path).read()):
+        fn = getattr(importlib.import_module(spec["module"]), spec["name"])
+        label = f"{spec['name']} {spec['constexprs']}"
+        yield label, fn, spec["types"], spec["constexprs"], spec["num_warps"]
 
 
 def cases():
@@ -68,9 +82,12 @@ def cases():
 
 
 def main() -> int:
-    for name, fn, types, constexprs in cases():
+    todo = [(*case, 4) for case in cases()]
+    if len(sys.argv) > 1:
+        todo += list(recorded(sys.argv[1]))
+    for name, fn, types, constexprs, num_warps in todo:
         try:
-            compile_sm90(fn, types, constexprs)
+            compile_sm90(fn, types, constexprs, num_warps)
         except Exception as e:  # noqa: BLE001 - report which kernel, then fail
             print(f"FAIL {name}: {type(e).__name__}: {e}")
             return 1

@@ -1,10 +1,11 @@
 """The decode kernels compile for sm_90 (H100/H200) on this machine, without a GPU.
 
 The interpreter tests check what the kernels compute; this checks that Triton's compiler and
-its bundled ptxas accept them at the settings in use (tests/kernels/sm90_compile.py lists them:
-the kernels changed for the int8-activation path and their production settings), so a
-compile-only error surfaces in CI rather than on the device. Run in a subprocess because the
-kernel tests' conftest turns on TRITON_INTERPRET, under which nothing is compiled."""
+its bundled ptxas accept them (tests/kernels/sm90_compile.py): the int8-path kernels at their
+Flash settings, and every specialisation a tiny decode step and prefill launch under the
+interpreter (record_launches.py), production and int8 ops. So a compile-only error surfaces in CI
+rather than on the device. Subprocesses: recording needs TRITON_INTERPRET=1, compiling needs it
+unset (the kernel tests' conftest sets it in this process)."""
 
 import os
 import pathlib
@@ -15,14 +16,19 @@ import pytest
 
 triton = pytest.importorskip("triton")
 PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+HERE = pathlib.Path(__file__).parent
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="this Triton build has no bundled ptxas")
-def test_decode_kernels_compile_for_sm90():
+def test_decode_kernels_compile_for_sm90(tmp_path):
+    root = HERE.parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # the GPU default (Triton 3.9 warns when unset)
-    script = pathlib.Path(__file__).with_name("sm90_compile.py")
-    root = pathlib.Path(__file__).parents[2]
-    r = subprocess.run([sys.executable, str(script)], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    specs = tmp_path / "launches.json"
+    r = subprocess.run([sys.executable, str(HERE / "record_launches.py"), str(specs)], env=env | {"TRITON_INTERPRET": "1"},
+                       cwd=root, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("ok ") >= 15, r.stdout
+    r = subprocess.run([sys.executable, str(HERE / "sm90_compile.py"), str(specs)], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("ok ") >= 15 + 40, r.stdout
