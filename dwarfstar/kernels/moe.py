@@ -139,16 +139,16 @@ def _dp4a(a, b, c, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _quantize_act_kernel(a_ptr, words_ptr, scale_ptr, qsum_ptr, n, USE_ASM: tl.constexpr):
-    """Program (r, j): super-block j of activation row r -> int8 words [64] (word w packs
-    q[4w..4w+3], q[4w] in the low byte), scales [8] (per 32), integer sums [16] (per 16)."""
-    r = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1)
-    a = tl.reshape(tl.load(a_ptr + r * n + j * 256 + tl.arange(0, 256)), [8, 32])
+def store_int8_act(v, words_ptr, scale_ptr, qsum_ptr, R: tl.constexpr, USE_ASM: tl.constexpr):
+    """`quantize_act` of R * 32 consecutive activations v (float32 [R * 32]): stores their words
+    [R * 8] (word w packs q[4w..4w+3], q[4w] in the low byte), scales [R] (per 32) and integer
+    sums [R * 2] (per 16) at these pointers (the caller offsets them). The quantiser kernel and
+    producer kernels that write their output's int8 form (hc_split_norm, glue, the attention
+    combine) all come here."""
+    a = tl.reshape(v, [R, 32])
     amax = tl.max(tl.abs(a), axis=1)
     safe = tl.where(amax > 0, amax, 1.0)
-    inv = tl.where(amax > 0, tl.div_rn(tl.full([8], 127.0, tl.float32), safe), 0.0)
-    scale = tl.div_rn(amax, tl.full([8], 127.0, tl.float32))
+    inv = tl.where(amax > 0, tl.div_rn(tl.full([R], 127.0, tl.float32), safe), 0.0)
     v = a * inv[:, None]
     if USE_ASM:
         # One instruction, and no chance of the product being fused into an FMA (which would
@@ -159,32 +159,19 @@ def _quantize_act_kernel(a_ptr, words_ptr, scale_ptr, qsum_ptr, n, USE_ASM: tl.c
         # rint by the 1.5 * 2**23 trick: exact round-half-even for |v| <= 127.
         q = ((v + 12582912.0) - 12582912.0).to(tl.int32)
     shift = 8 * tl.arange(0, 4)
-    words = tl.sum((tl.reshape(q, [64, 4]) & 255) << shift[None, :], axis=1)
-    tl.store(words_ptr + r * (n // 4) + j * 64 + tl.arange(0, 64), words)
-    tl.store(scale_ptr + r * (n // 32) + j * 8 + tl.arange(0, 8), scale)
-    tl.store(qsum_ptr + r * (n // 16) + j * 16 + tl.arange(0, 16), tl.sum(tl.reshape(q, [16, 16]), axis=1))
-
-
-@triton.jit
-def store_int8_act(v, words_ptr, scale_ptr, qsum_ptr, R: tl.constexpr, USE_ASM: tl.constexpr):
-    """`quantize_act` of R * 32 consecutive activations v (float32 [R * 32]) by a producer kernel:
-    stores their words [R * 8], scales [R] and per-16 sums [R * 2] at these pointers (the
-    caller offsets them). The same arithmetic as _quantize_act_kernel (which keeps its own copy
-    until this form has run on a GPU; tests/kernels/test_hc_kernel.py checks they agree)."""
-    a = tl.reshape(v, [R, 32])
-    amax = tl.max(tl.abs(a), axis=1)
-    safe = tl.where(amax > 0, amax, 1.0)
-    inv = tl.where(amax > 0, tl.div_rn(tl.full([R], 127.0, tl.float32), safe), 0.0)
-    v = a * inv[:, None]
-    if USE_ASM:
-        q = tl.inline_asm_elementwise("cvt.rni.s32.f32 $0, $1;", "=r,r", [v], dtype=tl.int32,
-                                      is_pure=True, pack=1)
-    else:
-        q = ((v + 12582912.0) - 12582912.0).to(tl.int32)
-    shift = 8 * tl.arange(0, 4)
     tl.store(words_ptr + tl.arange(0, R * 8), tl.sum((tl.reshape(q, [R * 8, 4]) & 255) << shift[None, :], axis=1))
     tl.store(scale_ptr + tl.arange(0, R), tl.div_rn(amax, tl.full([R], 127.0, tl.float32)))
     tl.store(qsum_ptr + tl.arange(0, R * 2), tl.sum(tl.reshape(q, [R * 2, 16]), axis=1))
+
+
+@triton.jit
+def _quantize_act_kernel(a_ptr, words_ptr, scale_ptr, qsum_ptr, n, USE_ASM: tl.constexpr):
+    """Program (r, j): super-block j (256 inputs) of activation row r."""
+    r = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    a = tl.load(a_ptr + r * n + j * 256 + tl.arange(0, 256))
+    store_int8_act(a, words_ptr + r * (n // 4) + j * 64, scale_ptr + r * (n // 32) + j * 8,
+                   qsum_ptr + r * (n // 16) + j * 16, 8, USE_ASM)
 
 
 def act_buffers(rows: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
