@@ -3,11 +3,15 @@ constants, against the torch twin. H = 64 heads, Dh = 512, window 128; cases: ra
 only), ratio 4 with the indexer's 512 rows, ratio 128 at 2K and 32K context.
 
 Kernel times are CUDA-graph replays (20 calls per graph), so launch costs are the device's only.
-Usage: PYTHONPATH=.:bench python3 bench/attend_bench.py   (prints one line per setting, then the best)
+`--precision ieee tf32x3` repeats the sweep per tl.dot precision (attend.DOT_PRECISION) and prints
+each setting's largest relative error against the float64 twin, so a faster precision shows
+what it costs in accuracy (the GPU tests hold the kernel to 1e-5).
+Usage: PYTHONPATH=.:bench python3 bench/attend_bench.py [--precision ieee tf32x3]
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 
 import torch
@@ -41,7 +45,21 @@ def graph_us(fn, calls: int = 20) -> float:
     return triton.testing.do_bench(graph.replay) * 1e3 / calls
 
 
+def max_rel_error(cases: dict) -> float:
+    """Largest relative L2 error of the kernel against the float64 twin over the cases."""
+    worst = 0.0
+    for c in cases.values():
+        want = attend.attend_decode_ref(**{k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                                           else v for k, v in dict(c, raw=c["raw"].clone()).items()})
+        got = attend.attend_decode(**dict(c, raw=c["raw"].clone()))
+        worst = max(worst, ((got.double() - want).norm() / want.norm()).item())
+    return worst
+
+
 def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--precision", nargs="+", default=["ieee"], help="tl.dot precisions to sweep")
+    args = p.parse_args()
     gen = torch.Generator().manual_seed(0)
     cases = {"r0": case(2048, 0, 0, None, gen), "r4 k512 @2K": case(2048, 4, 512, 512, gen),
              "r4 k512 @32K": case(32768, 4, 8192, 512, gen), "r128 @2K": case(2048, 128, 16, None, gen),
@@ -51,21 +69,22 @@ def main() -> None:
     print("twin:", {n: round(triton.testing.do_bench(lambda c=c: attend.attend_decode_ref(**c)) * 1e3, 1)
                     for n, c in cases.items()})
     best = None
-    for bn, bh, bd, nw in itertools.product((16, 32), (16, 32), (128, D), (4, 8)):
+    for dot, bn, bh, bd, nw in itertools.product(args.precision, (16, 32), (16, 32), (128, D), (4, 8)):
         attend.BLOCK_N, attend.BLOCK_H, attend.BLOCK_D, attend.NUM_WARPS = bn, bh, bd, nw
-        attend.GATHERED_BLOCKS = (bn, bh, bd)
+        attend.GATHERED_BLOCKS, attend.DOT_PRECISION = (bn, bh, bd), dot
         try:
             us = {n: graph_us(lambda c=c: attend.attend_decode(**c)) for n, c in cases.items()}
         except Exception as e:            # out of shared memory / registers for this tile
-            print(f"BLOCK_N {bn} BLOCK_H {bh} BLOCK_D {bd} warps {nw}: {type(e).__name__}")
+            print(f"{dot} BLOCK_N {bn} BLOCK_H {bh} BLOCK_D {bd} warps {nw}: {type(e).__name__}")
             continue
         step = sum(us[n] * m for n, m in weights.items())
-        print(f"BLOCK_N {bn:3d} BLOCK_H {bh:3d} BLOCK_D {bd:4d} warps {nw}: "
-              + " ".join(f"{n} {v:6.1f}" for n, v in us.items()) + f" | 2K step {step:7.1f} us")
+        print(f"{dot} BLOCK_N {bn:3d} BLOCK_H {bh:3d} BLOCK_D {bd:4d} warps {nw}: "
+              + " ".join(f"{n} {v:6.1f}" for n, v in us.items()) + f" | 2K step {step:7.1f} us"
+              + f" | max rel err {max_rel_error(cases):.1e}")
         if best is None or step < best[0]:
-            best = (step, bn, bh, bd, nw)
-    print("best (2K step µs, BLOCK_N, BLOCK_H, BLOCK_D, warps):", tuple(round(v, 1) if isinstance(v, float) else v
-                                                                       for v in best))
+            best = (step, dot, bn, bh, bd, nw)
+    print("best (2K step µs, precision, BLOCK_N, BLOCK_H, BLOCK_D, warps):",
+          tuple(round(v, 1) if isinstance(v, float) else v for v in best))
 
 
 if __name__ == "__main__":

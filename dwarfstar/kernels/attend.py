@@ -47,6 +47,10 @@ NUM_WARPS = 4
 # ratio-4 layers). bench/attend_bench.py as graph replays on the H200 (docs/PERF.md): (16, 16, 128)
 # 30.1 µs vs 31.9 at (16, 32, 128) per 2K ratio-4 call; the whole 43-layer step 8.72 vs 8.97 ms.
 GATHERED_BLOCKS = (16, 16, 128)
+# tl.dot precision of QK and PV: "ieee" (fp32 FMA products, the twin's numerics up to order).
+# "tf32x3" (three tf32 tensor-core products, ~fp32 accuracy) is the candidate to time against it
+# (bench/attend_bench.py --precision); not production until it has passed the GPU tests.
+DOT_PRECISION = "ieee"
 
 
 def attend_decode_ref(q, raw, ring_pos, kv, pos, comp, comp_idx, ratio, sinks) -> torch.Tensor:
@@ -79,7 +83,8 @@ def _key_tile(raw_ptr, kv_ptr, comp_ptr, j, row, seen_raw, is_cur, seen_comp, dd
 def _attend_partial_kernel(q_ptr, raw_ptr, ring_pos_ptr, kv_ptr, pos_ptr, comp_ptr, idx_ptr,
                            m_ptr, l_ptr, o_ptr, ratio, H, W, M, sqrt_d, D: tl.constexpr,
                            HAS_COMP: tl.constexpr, HAS_IDX: tl.constexpr,
-                           BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                           BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                           DOT: tl.constexpr):
     b = tl.program_id(0)
     g = tl.program_id(1)
     pos = tl.load(pos_ptr)
@@ -108,7 +113,7 @@ def _attend_partial_kernel(q_ptr, raw_ptr, ring_pos_ptr, kv_ptr, pos_ptr, comp_p
         dd = d0 + tl.arange(0, BLOCK_D)
         qt = tl.load(q_ptr + heads[:, None] * D + dd[None, :], mask=h_ok[:, None], other=0.0)
         kt = _key_tile(raw_ptr, kv_ptr, comp_ptr, jr, row, seen_raw, is_cur, seen_comp, dd, D, HAS_COMP)
-        acc = tl.dot(qt, tl.trans(kt), acc, input_precision="ieee")
+        acc = tl.dot(qt, tl.trans(kt), acc, input_precision=DOT)
     logits = tl.where(seen[None, :], tl.div_rn(acc, sqrt_d), float("-inf"))
     m = tl.max(logits, axis=1)                                                  # [BLOCK_H]
     # A block with no visible key: m = -inf, p = 0, l = 0 (the combine weighs it by 0).
@@ -118,7 +123,7 @@ def _attend_partial_kernel(q_ptr, raw_ptr, ring_pos_ptr, kv_ptr, pos_ptr, comp_p
     for d0 in tl.static_range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         kt = _key_tile(raw_ptr, kv_ptr, comp_ptr, jr, row, seen_raw, is_cur, seen_comp, dd, D, HAS_COMP)
-        o = tl.dot(p, kt, input_precision="ieee")                                # [BLOCK_H, BLOCK_D]
+        o = tl.dot(p, kt, input_precision=DOT)                                   # [BLOCK_H, BLOCK_D]
         tl.store(o_ptr + (b * H + heads)[:, None] * D + dd[None, :], o, mask=h_ok[:, None])
     # The ring write; no program loads slot `slot` (masked above).
     if (b == 0) & (g == 0):
@@ -193,7 +198,7 @@ def attend_decode(q, raw, ring_pos, kv, pos, comp, comp_idx, ratio, sinks, inv_r
         q, raw, ring_pos, kv, pos, comp if has_comp else raw, comp_idx if has_idx else ring_pos,
         m, l, part, max(ratio, 1), n_heads, w, n_rows, math.sqrt(d), D=d,
         HAS_COMP=has_comp, HAS_IDX=has_idx, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=NUM_WARPS)
+        DOT=DOT_PRECISION, num_warps=NUM_WARPS)
     combine_d = min(COMBINE_D, d)
     n_pairs = 1
     if inv_rope is not None:
