@@ -490,12 +490,12 @@ class ForwardModel:
     def attention(self, h, positions, layer: Layer, s: CudaLayerState, state, chunk_t0):
         c, w = self.config, layer.w
         t, n_heads, d = h.shape[0], c.n_heads, c.head_dim
-        a = self.proj_part(w["wq_a"], h)
-        if self._writes_int8(t, a.shape[-1], w["wq_b"]):
-            qr, qq = glue_rms_norm(a, w["q_norm"], self.config.norm_eps, quantize=True)
+        qa = self.proj_part(w["wq_a"], h)
+        if self._writes_int8(t, qa.shape[-1], w["wq_b"]):
+            qr, qq = glue_rms_norm(qa, w["q_norm"], c.norm_eps, quantize=True)    # q_b takes qq
             self._quantized[id(qr)] = (qr, qq)
         else:
-            qr = self.norm(a, w["q_norm"])
+            qr = self.norm(qa, w["q_norm"])
         kv = self.norm_rope(self.proj_part(w["wkv"], h), w["kv_norm"], positions, layer.omega)
         kv = self.kv_rounding(kv)                                            # [T, Dh]
         step = chunk_t0 is None and self.ops.glue
