@@ -60,9 +60,14 @@ def hc_head_split_ref(mix, scale, base, eps: float, x=None, norm_eps: float = 0.
 
 
 @triton.jit
-def _row_scale(x_ptr, row, norm_eps, K, HAS_X: tl.constexpr, BLOCK: tl.constexpr):
-    """rsqrt(mean(x[row]^2) + norm_eps) as glue._rms_norm_kernel computes it (1.0 without x)."""
-    if HAS_X:
+def _row_scale(x_ptr, row, norm_eps, K, ss_ptr, HAS_X: tl.constexpr, BLOCK: tl.constexpr, NSS: tl.constexpr):
+    """rsqrt(mean(x[row]^2) + norm_eps) as glue._rms_norm_kernel computes it (1.0 without x);
+    with NSS > 0 from the NSS partial sums of squares hc_post wrote (`ss`), not from x."""
+    if NSS > 0:
+        j = tl.arange(0, NSS)
+        ss = tl.load(ss_ptr + row.to(tl.int64) * NSS + j)
+        r = 1.0 / tl.sqrt_rn(tl.sum(ss, axis=0) / K + norm_eps)
+    elif HAS_X:
         r = row_rsqrt(x_ptr, row, norm_eps, K, BLOCK)
     else:
         r = 1.0
@@ -109,11 +114,11 @@ def _weighted_norm(x_ptr, pre, w_ptr, h_ptr, row, norm_eps, K, hw_ptr, hs_ptr, h
 
 @triton.jit
 def _hc_split_kernel(mix_ptr, scale_ptr, base_ptr, x_ptr, pre_ptr, post_ptr, m_ptr, w_ptr, h_ptr, eps, norm_eps,
-                     T, K, hw_ptr, hs_ptr, hq_ptr, N: tl.constexpr, M: tl.constexpr, S: tl.constexpr,
+                     T, K, hw_ptr, hs_ptr, hq_ptr, ss_ptr, N: tl.constexpr, M: tl.constexpr, S: tl.constexpr,
                      ITERS: tl.constexpr, FULL: tl.constexpr, HAS_X: tl.constexpr, NORMED: tl.constexpr,
-                     BLOCK: tl.constexpr, QUANT: tl.constexpr, USE_ASM: tl.constexpr):
+                     BLOCK: tl.constexpr, QUANT: tl.constexpr, USE_ASM: tl.constexpr, NSS: tl.constexpr):
     row = tl.program_id(0)
-    r = _row_scale(x_ptr, row, norm_eps, K, HAS_X, BLOCK)
+    r = _row_scale(x_ptr, row, norm_eps, K, ss_ptr, HAS_X, BLOCK, NSS)
     i = tl.arange(0, N)
     s0 = tl.load(scale_ptr)
     a = s0 * (_load_mix(mix_ptr, row, i, T, M, S) * r) + tl.load(base_ptr + i)
@@ -148,8 +153,11 @@ def _check_mix(mix, x, scale, base):
     return s, t, width
 
 
-def _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, full, weight=None, quantize=False):
+def _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, full, weight=None, quantize=False, ss=None):
     s, t, width = _check_mix(mix, x, scale, base)
+    if ss is not None:
+        assert x is not None and ss.dtype == torch.float32 and ss.is_contiguous() and ss.dim() == 2 \
+            and ss.shape[0] == t and ss.shape[1] & (ss.shape[1] - 1) == 0, "ss: hc_post's partials [T, 2^k]"
     dev = mix.device
     pre = torch.empty(t, n, dtype=torch.float32, device=dev)
     post = torch.empty(t, n, dtype=torch.float32, device=dev) if full else pre
@@ -170,22 +178,23 @@ def _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, full, weight=Non
     # 4 warps when the program also reads the 16384-wide row (64 KB), 1 for the n x n math.
     _hc_split_kernel[(t,)](mix, scale, base, x if x is not None else mix, pre, post, m,
                            weight if weight is not None else pre, h, eps, norm_eps, t, k, *hq,
+                           ss if ss is not None else pre,
                            N=n, M=width, S=s, ITERS=iters, FULL=full, HAS_X=x is not None,
                            NORMED=weight is not None, BLOCK=block, QUANT=quantize, USE_ASM=dev.type == "cuda",
-                           num_warps=4 if x is not None else 1)
+                           NSS=0 if ss is None else ss.shape[1], num_warps=4 if x is not None else 1)
     if quantize:
         return h, post, m, hq
     return (h if weight is not None else pre), post, m
 
 
-def hc_split(mix, scale, base, n: int, iters: int, eps: float, x=None, norm_eps: float = 0.0):
+def hc_split(mix, scale, base, n: int, iters: int, eps: float, x=None, norm_eps: float = 0.0, ss=None):
     width = mix.shape[-1]
     assert width == (2 + n) * n and n & (n - 1) == 0, f"mix width {width} for n = {n} (power of two)"
-    return _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, True)
+    return _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, True, ss=ss)
 
 
 def hc_split_norm(mix, scale, base, n: int, iters: int, eps: float, x, norm_eps: float, weight,
-                  quantize: bool = False):
+                  quantize: bool = False, ss=None):
     """`hc_split` with the raw rows x [T, n D], then the sublayer input in the same launch:
     h = rms_norm(sum_i pre[t, i] x[t, i], weight, norm_eps) [T, D] -> (h, post, m). Saves the
     weighted-sum and RMS-norm launches of each HC pre (two per layer side). quantize: also
@@ -193,7 +202,7 @@ def hc_split_norm(mix, scale, base, n: int, iters: int, eps: float, x, norm_eps:
     for the int8-activation products that read h (no quantiser launch of their own)."""
     width = mix.shape[-1]
     assert width == (2 + n) * n and n & (n - 1) == 0, f"mix width {width} for n = {n} (power of two)"
-    return _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, True, weight, quantize)
+    return _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, True, weight, quantize, ss)
 
 
 def hc_split_norm_ref(mix, scale, base, n: int, iters: int, eps: float, x, norm_eps: float, weight):
@@ -202,10 +211,10 @@ def hc_split_norm_ref(mix, scale, base, n: int, iters: int, eps: float, x, norm_
     return rms_norm(u, weight, norm_eps), post, m
 
 
-def hc_head_split(mix, scale, base, eps: float, x=None, norm_eps: float = 0.0):
+def hc_head_split(mix, scale, base, eps: float, x=None, norm_eps: float = 0.0, ss=None):
     n = mix.shape[-1]
     assert n & (n - 1) == 0 and base.shape == (n,), f"head mix width {n}: a power of two, base [n]"
-    return _launch_split(mix, scale, base, n, 1, eps, x, norm_eps, False)[0]
+    return _launch_split(mix, scale, base, n, 1, eps, x, norm_eps, False, ss=ss)[0]
 
 
 # ---- the stream mixes around a sublayer (one launch each) -----------------------------
@@ -234,8 +243,8 @@ def hc_weighted_sum_ref(x, pre):
 
 
 @triton.jit
-def _hc_post_kernel(f_ptr, add_ptr, x_ptr, post_ptr, m_ptr, y_ptr, D, N: tl.constexpr, P: tl.constexpr,
-                    HAS_ADD: tl.constexpr, BLOCK_D: tl.constexpr):
+def _hc_post_kernel(f_ptr, add_ptr, x_ptr, post_ptr, m_ptr, y_ptr, ss_ptr, D, N: tl.constexpr, P: tl.constexpr,
+                    HAS_ADD: tl.constexpr, BLOCK_D: tl.constexpr, SUMSQ: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = offs < D
@@ -251,6 +260,10 @@ def _hc_post_kernel(f_ptr, add_ptr, x_ptr, post_ptr, m_ptr, y_ptr, D, N: tl.cons
     post = tl.load(post_ptr + t * N + i)
     y = post[:, None] * f[None, :] + mixed
     tl.store(y_ptr + (t * N + i[:, None]) * D + offs[None, :], y, mask=mask[None, :])
+    if SUMSQ:
+        # This block's share of sum(y^2) over the whole HC row (masked lanes hold 0).
+        yy = tl.where(mask[None, :], y * y, 0.0)
+        tl.store(ss_ptr + t * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(yy, axis=1), axis=0))
 
 
 @triton.jit
@@ -275,16 +288,25 @@ def _check_streams(x, *small):
 HC_BLOCK_D = 512
 
 
-def hc_post(f, x, post, m, f_add=None):
+def hc_post(f, x, post, m, f_add=None, sumsq: bool = False):
+    """y [T, n, D] (the contract above); sumsq: also (y, ss) with ss [T, D / HC_BLOCK_D] the
+    partial sums of y[t]^2 per program, which hc_split / hc_split_norm / hc_head_split take
+    (`ss=`) in place of re-reading the 16384-wide row for its RMS norm."""
     f = f.contiguous()
     t, n = _check_streams(x, f, post, m, *(() if f_add is None else (f_add,)))
     d = x.shape[2]
     assert f.shape[-1] == d and f.dim() in (2, 3), "f: [T, D] or partials [T, P, D]"
     y = torch.empty_like(x)
-    _hc_post_kernel[(t, triton.cdiv(d, HC_BLOCK_D))](
-        f, f if f_add is None else f_add, x, post, m, y, d, N=n, P=f.shape[1] if f.dim() == 3 else 1,
-        HAS_ADD=f_add is not None, BLOCK_D=HC_BLOCK_D, num_warps=4)
-    return y
+    blocks = triton.cdiv(d, HC_BLOCK_D)
+    ss = None
+    if sumsq:
+        assert blocks & (blocks - 1) == 0, "sumsq: D / HC_BLOCK_D a power of two (the split kernel's arange)"
+        ss = torch.empty(t, blocks, dtype=torch.float32, device=x.device)
+    _hc_post_kernel[(t, blocks)](
+        f, f if f_add is None else f_add, x, post, m, y, ss if sumsq else y, d, N=n,
+        P=f.shape[1] if f.dim() == 3 else 1, HAS_ADD=f_add is not None, BLOCK_D=HC_BLOCK_D, SUMSQ=sumsq,
+        num_warps=4)
+    return (y, ss) if sumsq else y
 
 
 def hc_weighted_sum(x, pre):

@@ -143,6 +143,10 @@ class Ops:
     q8_matvec: Callable | None = None
     q8_expert_matvec: Callable | None = None
     q8_gemm: Callable | None = None
+    # Decode: hc_post also writes partial sums of squares of its output rows, and the next HC
+    # split takes them for its RMS norm instead of re-reading the 16384-wide row (a chain of 16
+    # dependent loads in one program). Candidate: fp32 order only, not yet timed on a GPU.
+    hc_sumsq: bool = False
 
 
 # Production: all three fused parts. "route" was off after an H200 bisect put 4 steps of the
@@ -228,6 +232,8 @@ class ForwardModel:
         # id(x) -> (x, its int8 form) written by x's producer kernel (hc_split_norm, the glue
         # RMS norm and SwiGLU) for x's int8-activation products; emptied per block.
         self._quantized: dict[int, tuple] = {}
+        # (x, partial sums of squares of its HC rows) from the last hc_post (Ops.hc_sumsq).
+        self._sumsq: tuple | None = None
         for i in range(config.n_layers):
             r = config.compress_ratios[i]
             w = {f: tensors[f"blk.{i}.{g}"] for f, g in _GGUF_OF_FIELD.items() if f"blk.{i}.{g}" in tensors}
@@ -390,17 +396,19 @@ class ForwardModel:
             # The HC RMS norm folded into hc_split: the mat-vec reads the raw rows and hc_split
             # scales the mix by rsqrt(mean(rows^2) + eps) (one launch and a 64 KB pass fewer).
             mix = self.hc_mix(fn, rows)                              # [(S,) T, (2+n)n]
+            ss = self._row_sumsq(x)
             if self.ops.hc_split is hc_split and self.ops.glue:
                 # The weighted sum and the sublayer's RMS norm in the same launch; with int8
                 # activations also h's int8 form, which h's products then take (`quantized`).
                 if self.ops.q8_matvec is None or c.dim % QK_K:
                     return hc_split_norm(mix, scale, base, n, c.hc_sinkhorn_iters, c.hc_eps, rows, c.norm_eps,
-                                         norm_weight)
+                                         norm_weight, ss=ss)
                 h, post, m, hq = hc_split_norm(mix, scale, base, n, c.hc_sinkhorn_iters, c.hc_eps, rows,
-                                               c.norm_eps, norm_weight, quantize=True)
+                                               c.norm_eps, norm_weight, quantize=True, ss=ss)
                 self._quantized[id(h)] = (h, hq)
                 return h, post, m
-            pre, post, m = self.ops.hc_split(mix, scale, base, n, c.hc_sinkhorn_iters, c.hc_eps, rows, c.norm_eps)
+            pre, post, m = self.ops.hc_split(mix, scale, base, n, c.hc_sinkhorn_iters, c.hc_eps, rows, c.norm_eps,
+                                             **({"ss": ss} if ss is not None else {}))
         else:
             # Chunks keep the norm first: their dense projection may run in fp16, where the raw
             # residual rows could overflow.
@@ -418,7 +426,16 @@ class ForwardModel:
 
     def hc_post(self, f, x, post, m, f_add=None):
         """f: the sublayer output [T, D] or its partials [T, P, D]; f_add [T, D] added to it."""
+        if self.ops.hc_sumsq and self.ops.glue and self.ops.hc_split is hc_split and x.shape[0] <= MAX_COLS:
+            y, ss = hc_post(f, x, post, m, f_add, sumsq=True)
+            self._sumsq = (y, ss)
+            return y
         return (hc_post if self.ops.glue else hc_post_ref)(f, x, post, m, f_add)
+
+    def _row_sumsq(self, x):
+        """The partial sums of squares hc_post wrote for these HC rows, or None."""
+        last = self._sumsq
+        return last[1] if last is not None and last[0] is x else None
 
     def hc_sum(self, x, weights):
         """sum_i weights[t, i] x[t, i]: [T, n, D] -> [T, D]."""
@@ -435,8 +452,13 @@ class ForwardModel:
         scale, base = self.t["output_hc_scale.weight"], self.t["output_hc_base.weight"]
         if t <= MAX_COLS:
             # Sigmoid weights with the HC RMS norm folded in (as hc_pre), one launch.
-            split = hc_head_split if self.ops.glue else hc_head_split_ref
-            wts = split(self.hc_mix(self.t["output_hc_fn.weight"], rows), scale, base, c.hc_eps, rows, c.norm_eps)
+            mix = self.hc_mix(self.t["output_hc_fn.weight"], rows)
+            ss = self._row_sumsq(x)
+            if ss is not None:
+                wts = hc_head_split(mix, scale, base, c.hc_eps, rows, c.norm_eps, ss=ss)
+            else:
+                split = hc_head_split if self.ops.glue else hc_head_split_ref
+                wts = split(mix, scale, base, c.hc_eps, rows, c.norm_eps)
         else:
             mix = self.proj(self.t["output_hc_fn.weight"], self.norm(rows, None))
             wts = torch.sigmoid(scale[0] * mix + base) + c.hc_eps

@@ -199,3 +199,40 @@ def test_int8_ops_products_match_their_twins_in_the_forward(tmp_path, tol, logpr
     assert calls["grouped"] == steps * config.n_layers
     assert calls["quantise"] == steps * (2 * config.n_layers + 1), calls
     assert max(errors) <= tol("int8_flips_tiny"), errors
+
+
+def test_hc_sumsq_forward_matches_production(model_path, tokens, tol, logprob_error):
+    """Ops.hc_sumsq (hc_post's partial sums of squares feed the next HC split and the head's)
+    under the interpreter vs the same Triton ops without it: fp32 order only, so the official
+    numerics bound; and the partials are really taken (every HC split but the first layer's)."""
+    from dwarfstar.engine.cuda_engine import CudaEngine
+    from dwarfstar.model import forward as fw
+
+    plain = CudaEngine.load(model_path, EngineOptions(backend="cuda", ctx=64), ops=fw.TRITON_OPS).new_session()
+    ops = dataclasses.replace(fw.TRITON_OPS, hc_sumsq=True)
+    fast = CudaEngine.load(model_path, EngineOptions(backend="cuda", ctx=64), ops=ops).new_session()
+    plain.sync(tokens[:N_PROMPT])
+    fast.sync(tokens[:N_PROMPT])
+    taken = []
+    split_norm, head_split = fw.hc_split_norm, fw.hc_head_split
+
+    def spy(fn):
+        def run(*a, ss=None, **k):
+            taken.append(ss is not None)
+            return fn(*a, ss=ss, **k)
+        return run
+
+    fw.hc_split_norm, fw.hc_head_split = spy(split_norm), spy(head_split)
+    try:
+        errors = []
+        for t in tokens[N_PROMPT:N_PROMPT + 2]:
+            plain.eval(t)
+            fast.eval(t)
+            errors.append(logprob_error(plain.logits(), fast.logits()))
+    finally:
+        fw.hc_split_norm, fw.hc_head_split = split_norm, head_split
+    assert max(errors) <= tol("official_numerics"), errors
+    # Per step and session: 2 splits per layer + the head's; with hc_sumsq all but the first
+    # layer's attention split take the partials (its rows come from the embedding).
+    per_step = 2 * CONFIG.n_layers + 1
+    assert len(taken) == 2 * 2 * per_step and sum(taken) == 2 * (per_step - 1), taken

@@ -160,3 +160,37 @@ def test_hc_split_norm_quantized_h_equals_the_quantiser(t, d):
     for a, b in zip(hq, quantize_act(plain[0])):
         assert torch.equal(a, b)
     assert (hq[1][:, 0] == 0).all()
+
+
+@pytest.mark.parametrize("t,d", [(1, 4096), (2, 1024)])
+def test_hc_post_sums_of_squares_feed_the_split(t, d):
+    """hc_post(sumsq=True): the same y, and per-program partial sums of y^2 whose total is the
+    row's (fp32 order); given as `ss`, the split and the head split use them for the HC RMS norm
+    instead of re-reading the row, and agree with the x-reading form to fp32 order (1e-6)."""
+    from dwarfstar.kernels.hc import hc_post, hc_split_norm
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=dev).manual_seed(3 * t + d)
+    n, iters, eps, norm_eps = 4, 20, 1e-6, 1e-6
+    x = torch.randn(t, n, d, generator=g, device=dev)
+    f = torch.randn(t, d, generator=g, device=dev)
+    post = torch.rand(t, n, generator=g, device=dev) * 2
+    m = torch.rand(t, n, n, generator=g, device=dev)
+    y = hc_post(f, x, post, m)
+    y2, ss = hc_post(f, x, post, m, sumsq=True)
+    assert torch.equal(y, y2)
+    want = y.double().reshape(t, -1).square().sum(1)
+    assert ((ss.double().sum(1) - want).abs() / want).max().item() < 1e-6
+    rows = y.reshape(t, -1)
+    mix = torch.randn(3, t, (2 + n) * n, generator=g, device=dev)
+    scale = torch.rand(3, generator=g, device=dev)
+    base = torch.randn((2 + n) * n, generator=g, device=dev)
+    weight = torch.rand(d, generator=g, device=dev) + 0.5
+    plain = hc_split_norm(mix, scale, base, n, iters, eps, rows, norm_eps, weight)
+    fused = hc_split_norm(mix, scale, base, n, iters, eps, rows, norm_eps, weight, ss=ss)
+    for a, b in zip(fused, plain):
+        assert ((a.double() - b.double()).norm() / b.double().norm()).item() < 1e-6
+    head_mix = torch.randn(t, n, generator=g, device=dev)
+    a = hc_head_split(head_mix, scale, base[:n], eps, rows, norm_eps, ss=ss)
+    b = hc_head_split(head_mix, scale, base[:n], eps, rows, norm_eps)
+    assert ((a - b).abs() / b.abs()).max().item() < 1e-6
