@@ -1,7 +1,8 @@
 """Decode step time of switchable variants on one set of dummy weights (A/B in one process).
 
-A variant is a set of overrides: `ops` fields of the ForwardModel (e.g. the int8-activation
-Q8_0 mat-vecs on) and decode attention's block shape for gathered rows. A fresh session is
+A variant is a set of overrides: `ops` fields of the ForwardModel (the int8-activation Q8_0
+products, hc_post's sums of squares) and decode attention's block shape for gathered rows or its
+tl.dot precision (speed only: accuracy is the GPU tests' job). A fresh session is
 captured per variant and timed as in cuda_decode_bench (graph replay, median of --steps),
 interleaved over --rounds so drift hits all variants alike.
 
@@ -22,10 +23,15 @@ from dwarfstar.engine.engine import EngineOptions
 from dwarfstar.kernels import attend
 from dwarfstar.model.forward import TRITON_INT8_OPS
 
+INT8 = {"q8_matvec": TRITON_INT8_OPS.q8_matvec, "q8_expert_matvec": TRITON_INT8_OPS.q8_expert_matvec,
+        "q8_gemm": TRITON_INT8_OPS.q8_gemm}
 VARIANTS = {
     "base": {},
-    "int8-dense": {"ops": {"q8_matvec": TRITON_INT8_OPS.q8_matvec, "q8_expert_matvec": TRITON_INT8_OPS.q8_expert_matvec}},
+    "int8-dense": {"ops": INT8},
+    "hc-sumsq": {"ops": {"hc_sumsq": True}},
+    "int8+hc-sumsq": {"ops": INT8 | {"hc_sumsq": True}},
     "gathered-16x32": {"gathered": (16, 32, 128)},
+    "attend-tf32x3": {"dot": "tf32x3"},
 }
 
 
@@ -38,7 +44,7 @@ def main() -> None:
     p.add_argument("--only", nargs="*", default=None)
     args = p.parse_args()
     engine = CudaEngine.dummy(flash_config(args.layers), EngineOptions(backend="cuda"))
-    production, blocks = engine.model.ops, attend.GATHERED_BLOCKS
+    production, blocks, dot = engine.model.ops, attend.GATHERED_BLOCKS, attend.DOT_PRECISION
     gen = torch.Generator(device="cuda").manual_seed(0)
     res: dict = {}
     for ctx in args.ctx:
@@ -47,6 +53,7 @@ def main() -> None:
                 v = VARIANTS[name]
                 engine.model.ops = dataclasses.replace(production, **v.get("ops", {}))
                 attend.GATHERED_BLOCKS = v.get("gathered", blocks)
+                attend.DOT_PRECISION = v.get("dot", dot)
                 session = engine.new_session(ctx=ctx + 64)
                 fill_state(session, ctx, gen)
                 ms = time_graph(session, args.steps)
@@ -54,7 +61,7 @@ def main() -> None:
                 print(f"ctx {ctx} round {r} {name:>20}: {ms:.3f} ms ({1e3 / ms:.1f} tok/s)", flush=True)
                 del session
                 torch.cuda.empty_cache()
-    engine.model.ops, attend.GATHERED_BLOCKS = production, blocks
+    engine.model.ops, attend.GATHERED_BLOCKS, attend.DOT_PRECISION = production, blocks, dot
     print(json.dumps({k: min(v) for k, v in res.items()}))
 
 
