@@ -129,6 +129,18 @@ def _tile_q4_k(qs_ptr, sc_ptr, mn_ptr, dm_ptr, rows, offs_k, mask, K):
 
 
 @triton.jit
+def slot_rows(ids_ptr, pid_n, pid_s, N, HAS_IDS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows pid_n*BLOCK_N.. of slot pid_s -> (offs_n, mask_n, rows): rows index the stacked
+    [E, N] weight (expert ids[pid_s] with HAS_IDS, else 0), int64 because E*N*K exceeds 2**31."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if HAS_IDS:
+        e = tl.load(ids_ptr + pid_s).to(tl.int64)
+    else:
+        e = 0
+    return offs_n, offs_n < N, e * N + offs_n.to(tl.int64)
+
+
+@triton.jit
 def _matvec_kernel(
     p0, p1, p2, p3, ids_ptr, x_ptr, y_ptr, N, K, K_CHUNK,
     FMT: tl.constexpr, HAS_IDS: tl.constexpr, B: tl.constexpr, BP: tl.constexpr,
@@ -145,14 +157,7 @@ def _matvec_kernel(
     else:
         k_lo = 0
         k_hi = K
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    if HAS_IDS:
-        e = tl.load(ids_ptr + pid_s).to(tl.int64)
-    else:
-        e = 0
-    # Global row in the stacked [E, N] weight; int64 because E*N*K exceeds 2**31.
-    rows = e * N + offs_n.to(tl.int64)
+    offs_n, mask_n, rows = slot_rows(ids_ptr, pid_n, pid_s, N, HAS_IDS, BLOCK_N)
     offs_b = tl.arange(0, BP)
     mask_b = offs_b < B
     x_base = x_ptr + pid_s * B * K

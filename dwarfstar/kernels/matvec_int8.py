@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dwarfstar.kernels.matvec import MAX_COLS
+from dwarfstar.kernels.matvec import MAX_COLS, slot_rows
 from dwarfstar.kernels.moe import QBLOCK, _dp4a
 from dwarfstar.kernels.repack import PlanarQ8_0, dequantize_planar, select_experts
 from dwarfstar.model.numerics import int8_round
@@ -69,13 +69,7 @@ def _q8_i8_kernel(qs_ptr, d_ptr, ids_ptr, xw_ptr, xs_ptr, y_ptr, N, K,
     columns of slot s. Weights are read as int32 words of four int8 (qs viewed as int32)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    if HAS_IDS:
-        e = tl.load(ids_ptr + pid_s).to(tl.int64)
-    else:
-        e = 0
-    rows = e * N + offs_n.to(tl.int64)
+    offs_n, mask_n, rows = slot_rows(ids_ptr, pid_n, pid_s, N, HAS_IDS, BLOCK_N)
     KW = K // 4
     KB = K // QB
     offs_b = tl.arange(0, BP)
