@@ -165,10 +165,8 @@ TRITON_INT8_OPS = dataclasses.replace(TRITON_OPS, q8_matvec=_q8_dense, q8_expert
 TWIN_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False)
 # Twins of the mat-vecs with the Triton glue (CPU interpreter checks of the glue wiring).
 TWIN_GLUE_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False, True)
-# The fused decode kernels on top (production candidate, see Ops.fused).
+# The fused decode kernels on top (as production, TRITON_OPS, has them).
 FUSED_PARTS = frozenset({"compress", "route", "index"})
-TRITON_FUSED_OPS = Ops(matvec, expert_matvec, hc_split, _experts_int8(moe_gate_up, moe_down_parts), True, True,
-                       FUSED_PARTS)
 TWIN_FUSED_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False, True,
                      FUSED_PARTS)
 # Twins of the production numerics (int8 routed-expert activations), for CPU checks.
