@@ -32,8 +32,8 @@ from dwarfstar.kernels.repack import PlanarQ8_0, dequantize_planar
 from dwarfstar.model.numerics import int8_round
 
 QB = tl.constexpr(QBLOCK)
-# Untuned first choice (a later GPU session sweeps it against the fp16 GEMM).
-BLOCK_M, BLOCK_N, BLOCK_K, NUM_WARPS = 64, 128, 128, 8
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); bench/prefill_q8_bench.py sweeps it.
+TILES = (64, 256, 128, 8, 3)     # best summed over a Flash layer's GEMMs at T = 4096 (H200)
 
 
 def gemm_q8_ref(w: PlanarQ8_0, x: torch.Tensor) -> torch.Tensor:
@@ -76,9 +76,9 @@ def _gemm_q8_kernel(a_ptr, sa_ptr, b_ptr, d_ptr, y_ptr, T, N, K, G,
     tl.store(y, acc, mask=ok_m[:, None] & ok_n[None, :])
 
 
-def gemm_q8(w: PlanarQ8_0, xq, block_m: int = BLOCK_M, block_n: int = BLOCK_N, block_k: int = BLOCK_K,
-            num_warps: int = NUM_WARPS) -> torch.Tensor:
-    """y [T, G*N] (module contract); xq = quantize_act(x [T, G*K])."""
+def gemm_q8(w: PlanarQ8_0, xq, tiles: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+    """y [T, G*N] (module contract); xq = quantize_act(x [T, G*K]); tiles: see TILES."""
+    block_m, block_n, block_k, num_warps, num_stages = tiles or TILES
     words, scale = xq[0], xq[1]
     assert isinstance(w, PlanarQ8_0) and w.qs.is_contiguous() and w.d.is_contiguous(), "PlanarQ8_0, contiguous"
     g, n, k = (1, *w.shape) if len(w.shape) == 2 else w.shape
@@ -91,5 +91,6 @@ def gemm_q8(w: PlanarQ8_0, xq, block_m: int = BLOCK_M, block_n: int = BLOCK_N, b
     y = torch.empty(t, g * n, dtype=torch.float32, device=words.device)
     grid = (triton.cdiv(t, block_m), triton.cdiv(n, block_n), g)
     _gemm_q8_kernel[grid](words.view(torch.int8), scale, w.qs, w.d, y, t, n, k, g,
-                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+                          num_stages=num_stages)
     return y

@@ -55,7 +55,7 @@ def cases():
             HAS_IDS=has_ids, B=b, BP=triton.next_power_of_2(b), BLOCK_N=tiling[0], BLOCK_K=tiling[1], USE_ASM=True)
     yield "prefill_q8", prefill_q8._gemm_q8_kernel, dict(
         a_ptr=I8, sa_ptr=F32, b_ptr=I8, d_ptr=F16, y_ptr=F32, T="i32", N="i32", K="i32", G="i32"), dict(
-        BLOCK_M=prefill_q8.BLOCK_M, BLOCK_N=prefill_q8.BLOCK_N, BLOCK_K=prefill_q8.BLOCK_K)
+        **dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), prefill_q8.TILES[:3])))
     split = dict(mix_ptr=F32, scale_ptr=F32, base_ptr=F32, x_ptr=F32, pre_ptr=F32, post_ptr=F32, m_ptr=F32,
                  w_ptr=F32, h_ptr=F32, eps="fp32", norm_eps="fp32", T="i32", K="i32", hw_ptr=I32, hs_ptr=F32,
                  hq_ptr=I32, ss_ptr=F32)

@@ -18,7 +18,7 @@ from tests.kernels.test_matvec import oracle_weight  # noqa: E402
 from tests.kernels.test_matvec_int8 import int8_rounded  # noqa: E402
 
 
-def case(shape, t, gen, check, **tiling):
+def case(shape, t, gen, check, tiles=None):
     raw = random_raw(T.Q8_0, shape, gen)
     w = repack(raw, T.Q8_0, shape)
     g, n, k = (1, *shape) if len(shape) == 2 else shape
@@ -26,7 +26,7 @@ def case(shape, t, gen, check, **tiling):
     x[0, :32] = 0                                                     # an all-zero block
     wf = oracle_weight(raw, T.Q8_0, shape).reshape(g, n, k)
     expected = torch.einsum("tgk,gnk->tgn", int8_rounded(x).view(t, g, k), wf).reshape(t, g * n)
-    y = gemm_q8(w, quantize_act(x), **tiling)
+    y = gemm_q8(w, quantize_act(x), tiles)
     check(y, expected, "int8_vs_twin")
     check(gemm_q8_ref(w, x), expected, "int8_vs_twin")
     return w, x, y
@@ -34,14 +34,14 @@ def case(shape, t, gen, check, **tiling):
 
 # T = 19 and N = 40 leave ragged tiles; K = 512 with BLOCK_K 256: two K steps of 8 blocks.
 def test_gemm_q8_tiny(gen, check):
-    w, x, y = case((40, 512), 19, gen, check, block_m=16, block_n=32, block_k=256, num_warps=4)
+    w, x, y = case((40, 512), 19, gen, check, tiles=(16, 32, 256, 4, 2))
     # The decode mat-vec on a row of the same chunk: the same function, fp32 order apart.
     row = matvec_q8(w, quantize_act(x[3:4].contiguous()), tiling=(8, 256, 4))
     check(row, y[3:4].double().cpu(), "int8_vs_twin")
 
 
 def test_gemm_q8_grouped_tiny(gen, check):
-    case((3, 24, 256), 17, gen, check, block_m=16, block_n=16, block_k=128, num_warps=4)
+    case((3, 24, 256), 17, gen, check, tiles=(16, 16, 128, 4, 2))
 
 
 @pytest.mark.gpu
