@@ -1,4 +1,4 @@
-"""Kernel launches per decode step on a CPU: the production ops (TRITON_OPS) under the Triton
+"""Kernel launches per decode step on a CPU: the production ops (PRODUCTION_OPS) under the Triton
 interpreter, on a tiny synthetic model with the Flash schedule's layer kinds.
 
 Counts Triton launches (one per `kernel[grid](...)`) and torch compute ops (a TorchDispatchMode:
@@ -7,10 +7,10 @@ a few composite ops launch more than one kernel). Per layer = (step total - head
 layers is reported as the step total / layers. The GPU truth is
 `bench/cuda_decode_bench.py --profile-ctx`.
 
-  PYTHONPATH=. python3 bench/count_launches.py [--tokens 40] [--int8] [--prefill 300]
+  PYTHONPATH=. python3 bench/count_launches.py [--tokens 40] [--fp32] [--prefill 300]
 
---int8 counts TRITON_INT8_OPS (the int8-activation candidate; its Triton quantiser needs Q8_0 input
-widths that are multiples of 256, so the tiny model's q and out-b ranks are widened to 256/128).
+Production's int8 quantiser needs Q8_0 input widths that are multiples of 256, so the tiny model's
+q and out-b ranks are widened to 256/128. --fp32 counts TRITON_OPS (fp32 mat-vecs) instead.
 
 With --prefill N it counts one prefill chunk of N tokens (`ForwardModel.prefill`) instead of
 the decode step; "copy_" there is mostly device-to-device copies.
@@ -54,20 +54,20 @@ def main() -> None:
     from dwarfstar.engine.cuda_engine import CudaEngine
     from dwarfstar.engine.engine import EngineOptions
     from dwarfstar.gguf.synth import TINY, synthesize
-    from dwarfstar.model.forward import TRITON_INT8_OPS, TRITON_OPS
+    from dwarfstar.model.forward import PRODUCTION_OPS, TRITON_OPS
 
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=40, help="prompt length before the counted step")
-    p.add_argument("--int8", action="store_true", help="TRITON_INT8_OPS (else TRITON_OPS)")
+    p.add_argument("--fp32", action="store_true", help="TRITON_OPS (else PRODUCTION_OPS)")
     p.add_argument("--prefill", type=int, default=0, help="count one prefill chunk of this many tokens")
     args = p.parse_args()
     config = dataclasses.replace(TINY, compress_ratios=(0, 4, 128, 4), n_hash_layers=1, index_topk=4)
-    if args.int8:
+    if not args.fp32:
         config = dataclasses.replace(config, q_lora_rank=256, o_lora_rank=128)
     with tempfile.TemporaryDirectory() as d:
         path = synthesize(Path(d) / "tiny.gguf", config=config)
         engine = CudaEngine.load(path, EngineOptions(backend="cuda", ctx=256, numerics="official"),
-                                  ops=TRITON_INT8_OPS if args.int8 else TRITON_OPS)
+                                  ops=TRITON_OPS if args.fp32 else PRODUCTION_OPS)
         s = engine.new_session()
         s.sync(list(range(1, args.tokens + 1)))
         mode = Count()

@@ -124,7 +124,8 @@ def main() -> None:
     p.add_argument("--profile-ctx", type=int, default=None, help="context of the per-kernel profile")
     p.add_argument("--compare-no-glue", action="store_true",
                    help="also time the first ctx with the glue kernels off (torch glue, as before)")
-    p.add_argument("--int8", action="store_true", help="TRITON_INT8_OPS (int8 activations for the Q8_0 products)")
+    p.add_argument("--fp32", action="store_true",
+                   help="TRITON_OPS: fp32 mat-vecs for the Q8_0 products (production: int8 activations)")
     args = p.parse_args()
     from bandwidth import read_bandwidth
 
@@ -132,10 +133,10 @@ def main() -> None:
     read_gbs = read_bandwidth()
     t0 = time.time()
     engine = CudaEngine.dummy(flash_config(args.layers), EngineOptions(backend="cuda"))
-    if args.int8:
-        from dwarfstar.model.forward import TRITON_INT8_OPS
+    if args.fp32:
+        from dwarfstar.model.forward import TRITON_OPS
 
-        engine.model.ops = TRITON_INT8_OPS
+        engine.model.ops = TRITON_OPS
     torch.cuda.synchronize()
     load_s = time.time() - t0
     w_bytes = tensor_bytes(engine.model.t)

@@ -183,15 +183,22 @@ def main() -> None:
     p.add_argument("--prefill-chunk", type=int, default=None)
     p.add_argument("--dir", default=tempfile.gettempdir())
     p.add_argument("--profile-prefill", type=int, default=0, help="profile one chunk of this many tokens")
-    p.add_argument("--int8", action="store_true", help="TRITON_INT8_OPS (int8 activations for the Q8_0 products)")
+    p.add_argument("--fp32", action="store_true",
+                   help="TRITON_OPS: fp32 mat-vecs for the Q8_0 products (production: int8 activations)")
+    p.add_argument("--q8-tiles", type=int, nargs=5, default=None,
+                   help="prefill_q8.TILES for this run (BLOCK_M BLOCK_N BLOCK_K warps stages; prefill_q8_bench.py)")
     args = p.parse_args()
     opts = EngineOptions(backend="cuda") if args.prefill_chunk is None else \
         EngineOptions(backend="cuda", prefill_chunk=args.prefill_chunk)
     engine = CudaEngine.dummy(flash_config(args.layers), opts)
-    if args.int8:
-        from dwarfstar.model.forward import TRITON_INT8_OPS
+    if args.fp32:
+        from dwarfstar.model.forward import TRITON_OPS
 
-        engine.model.ops = TRITON_INT8_OPS
+        engine.model.ops = TRITON_OPS
+    if args.q8_tiles:
+        from dwarfstar.kernels import prefill_q8
+
+        prefill_q8.TILES = tuple(args.q8_tiles)
     gen = torch.Generator(device="cuda").manual_seed(0)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"device {torch.cuda.get_device_name()}, layers {args.layers}, commit {commit}", flush=True)

@@ -1,7 +1,7 @@
 """Decode step time of switchable variants on one set of dummy weights (A/B in one process).
 
-A variant is a set of overrides: `ops` fields of the ForwardModel (the int8-activation Q8_0
-products, hc_post's sums of squares) and decode attention's block shape for gathered rows or its
+A variant is a set of overrides: `ops` fields of the ForwardModel (fp32 mat-vecs instead of
+production's int8-activation Q8_0 products, hc_post's sums of squares) and decode attention's block shape for gathered rows or its
 tl.dot precision (speed only: accuracy is the GPU tests' job). A fresh session is
 captured per variant and timed as in cuda_decode_bench (graph replay, median of --steps),
 interleaved over --rounds so drift hits all variants alike.
@@ -21,15 +21,12 @@ from cuda_decode_bench import fill_state, flash_config, time_graph
 from dwarfstar.engine.cuda_engine import CudaEngine
 from dwarfstar.engine.engine import EngineOptions
 from dwarfstar.kernels import attend
-from dwarfstar.model.forward import TRITON_INT8_OPS
 
-INT8 = {"q8_matvec": TRITON_INT8_OPS.q8_matvec, "q8_expert_matvec": TRITON_INT8_OPS.q8_expert_matvec,
-        "q8_gemm": TRITON_INT8_OPS.q8_gemm}
+FP32 = {"q8_matvec": None, "q8_expert_matvec": None, "q8_gemm": None}     # TRITON_OPS's mat-vecs
 VARIANTS = {
     "base": {},
-    "int8-dense": {"ops": INT8},
+    "fp32-dense": {"ops": FP32},
     "hc-sumsq": {"ops": {"hc_sumsq": True}},
-    "int8+hc-sumsq": {"ops": INT8 | {"hc_sumsq": True}},
     "gathered-16x32": {"gathered": (16, 32, 128)},
     "attend-tf32x3": {"dot": "tf32x3"},
 }

@@ -31,7 +31,7 @@ from dwarfstar.engine.session import Progress, common_prefix
 from dwarfstar.gguf import names
 from dwarfstar.gguf.synth import D_OFFSET, DMIN_OFFSET, DMIN_RATIO, RMS_PER_UNIT_SCALE, _rng, float_values, tid2eid
 from dwarfstar.kernels.repack import PlanarF16, planar_nbytes, repack
-from dwarfstar.model.forward import TRITON_OPS, TWIN_OPS, ForwardModel
+from dwarfstar.model.forward import PRODUCTION_OPS, TWIN_OPS, ForwardModel
 from dwarfstar.shape import ModelConfig
 
 # Default prefill chunk (tokens): each chunk dequantises every used expert and dense matrix
@@ -168,7 +168,7 @@ class CudaEngine(Engine):
         config = validate(gguf_file)
         tokenizer = Tokenizer.from_metadata(gguf_file.metadata)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        ops = ops or (TRITON_OPS if device == "cuda" else TWIN_OPS)
+        ops = ops or (PRODUCTION_OPS if device == "cuda" else TWIN_OPS)
         model = ForwardModel(config, load_tensors(gguf_file, device), options.numerics, ops)
         return cls(options, gguf_file, config, tokenizer, model)
 

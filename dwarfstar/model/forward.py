@@ -7,23 +7,25 @@ Contract:
 - `ForwardModel(config, tensors, numerics, ops)`: `tensors` maps GGUF names to planar
   weights (kernels/repack.py) for every matrix and to float tensors for vectors (F32, the
   compressor `ape`), int64 for `tid2eid`, fp16 for `token_embd`; all on one device.
-  `ops` = `TRITON_OPS` (production) or `TWIN_OPS` (the kernels' PyTorch twins: the same
-  forward on a CPU, a diagnostic switch for tests). Matrices multiplying the same input
+  `ops` = `PRODUCTION_OPS` (= `TRITON_INT8_OPS`), `TRITON_OPS` (fp32 mat-vecs, the A/B base) or
+  `TWIN_OPS` (the kernels' PyTorch twins: the same forward on a CPU, a diagnostic switch for tests). Matrices multiplying the same input
   (`ForwardModel.SHARED_INPUT`) are concatenated at load; their entries in `tensors` are
   replaced by row views of the merged weight (same values, no second copy).
 - `model.step(state)` is one decode token: reads `state.token`, `state.pos`, writes the
   layer state, `state.logits`, advances `pos` and `ring_pos`. It does no host sync, no
   host-to-device copy and has no data-dependent shapes, so it can be captured in a CUDA
   graph (engine/cuda_engine.py) and replayed for every position.
-- `model.prefill(state, tokens)` appends a chunk (host positions): dense weights are
-  dequantised and multiplied with torch.matmul when T > MAX_COLS, routed experts are grouped
+- `model.prefill(state, tokens)` appends a chunk (host positions): when T > MAX_COLS, Q8_0
+  weights multiply int8 codes (kernels/prefill_q8.py, production) and other dense weights are
+  dequantised and multiplied with torch.matmul, routed experts are grouped
   by expert (kernels/prefill_moe.py on CUDA), attention runs in query blocks
   (kernels/prefill_attend.py). It leaves `state` as T decode steps would (model.md §4.2).
 - Both compute the reference math (model/reference.py) in fp32 with the same rounding
   points; results differ from it by fp32 summation order only — except a chunk's GEMMs on
-  CUDA, whose inputs are rounded to fp16 (fp32 results; kernels/prefill_moe.gemm_dtype).
-  With `Ops.q8_matvec` (TRITON_INT8_OPS) every Q8_0 product takes int8 activations per 32, in
-  decode and chunks alike (the reference's `Numerics.int8_act`).
+  CUDA that are not Q8_0 products, whose inputs are rounded to fp16 (fp32 results;
+  kernels/prefill_moe.gemm_dtype). With `Ops.q8_matvec` (TRITON_INT8_OPS, production) every
+  Q8_0 product takes int8 activations per 32, in decode and chunks alike (the reference's
+  `Numerics.int8_act`).
 The state is a `CudaDecodeState` (engine/cuda_state.py); `pos` is the GPU mirror of
 `len(state.tokens)`, which the caller keeps.
 """
@@ -149,30 +151,31 @@ class Ops:
     hc_sumsq: bool = False
 
 
-# Production: all three fused parts. "route" was off after an H200 bisect put 4 steps of the
-# greedy GPU test over the bound with it; after its rework (libdevice softplus, exact int64
-# selection keys) the same steps went over with it off too, at routing near-ties of the
-# reference (tests/cuda/test_cuda_gpu.py reports the margins), so it is on again.
+# The fp32-mat-vec set (production until the int8 set passed its gate): all three fused parts.
+# "route" was off after an H200 bisect put 4 steps of the greedy GPU test over the bound with
+# it; after its rework (libdevice softplus, exact int64 selection keys) the same steps went over
+# with it off too, at routing near-ties of the reference (tests/cuda/test_cuda_gpu.py reports
+# the margins), so it is on again.
 TRITON_OPS = Ops(matvec, expert_matvec, hc_split, _experts_int8(moe_gate_up, moe_down_parts), True, True,
                  frozenset({"compress", "route", "index"}))
-# Candidate: the Q8_0 mat-vecs with int8 activations (ds4's decode rounding point; 8.96 -> 7.92 ms
-# per 2K step on the H200, docs/PERF.md). Not production yet: on the H200 the 4-layer GPU tests
-# went over their bounds with it, because the fp16 prefill GEMMs feed the new int8 rounding
-# points noise that flips codes (~6 % of elements) where the decode and the oracle, exact to
-# fp32 order, do not; the prefill has to multiply the same int8 codes first (docs/PERF.md).
+# Production: the Q8_0 products with int8 activations (ds4's decode rounding point), in decode
+# and in chunks (kernels/prefill_q8.py on the same codes, so the two compute one function). On
+# the H200: 8.71 -> 7.75 ms per 2K step; 16K prefill 3,290 tok/s. Its GPU gate holds it as close
+# to the float64 int8 oracle as the float32 oracle is (tests/cuda/test_cuda_gpu.py, docs/PERF.md).
 TRITON_INT8_OPS = dataclasses.replace(TRITON_OPS, q8_matvec=_q8_dense, q8_expert_matvec=_q8_grouped,
                                       q8_gemm=_q8_chunk)
+PRODUCTION_OPS = TRITON_INT8_OPS
 TWIN_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False)
 # Twins of the mat-vecs with the Triton glue (CPU interpreter checks of the glue wiring).
 TWIN_GLUE_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False, True)
-# The fused decode kernels on top (as production, TRITON_OPS, has them).
+# The fused decode kernels on top (as TRITON_OPS and production have them).
 FUSED_PARTS = frozenset({"compress", "route", "index"})
 TWIN_FUSED_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False, True,
                      FUSED_PARTS)
-# Twins of the production numerics (int8 routed-expert activations), for CPU checks.
+# Twins of TRITON_OPS's numerics (int8 routed-expert activations only), for CPU checks.
 TWIN_INT8_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_int8(moe_gate_up_ref, moe_down_ref),
                     True)
-# Twins of TRITON_INT8_OPS's numerics (int8 activations for the Q8_0 products too).
+# Twins of the production numerics (TRITON_INT8_OPS: int8 activations for the Q8_0 products too).
 TWIN_INT8_DENSE_OPS = dataclasses.replace(TWIN_INT8_OPS, q8_matvec=matvec_q8_ref, q8_expert_matvec=expert_matvec_q8_ref,
                                           q8_gemm=gemm_q8_ref)
 
@@ -204,7 +207,7 @@ class ForwardModel:
                      "indexer_weights_proj"),
                     ("shared_w1", "shared_w3"))
 
-    def __init__(self, config: ModelConfig, tensors: dict, numerics: str = "official", ops: Ops = TRITON_OPS):
+    def __init__(self, config: ModelConfig, tensors: dict, numerics: str = "official", ops: Ops = PRODUCTION_OPS):
         from dwarfstar.model.weights import _GGUF_OF_FIELD
 
         self.config = config
@@ -464,7 +467,7 @@ class ForwardModel:
         return self.proj(self.t["output.weight"], y)                          # [T, V]
 
     def block(self, x, tokens, positions, layer: Layer, s: CudaLayerState, state, chunk_t0):
-        w, c = layer.w, self.config
+        w = layer.w
         self._quantized.clear()
         h, post, m = self.hc_pre(x, w["hc_attn_fn"], w["hc_attn_scale"], w["hc_attn_base"], w["attn_norm"])
         f = self.attention(h, positions, layer, s, state, chunk_t0)

@@ -6,6 +6,11 @@ with the routed experts' inputs rounded to int8 as the decode kernels (kernels/m
 the prefill (forward.int8_round) round them: `int8_oracle.int8_reference()`. The distance
 to the plain reference (the int8 rounding itself) is measured and guarded separately.
 Layers 0..3 have ratios 0, 0, 4, 128 and hash routing on 0..2 (the Flash schedule).
+
+Production (TRITON_INT8_OPS) rounds every Q8_0 product's input to int8 as well: its tests
+(`test_int8_ops_*`) compare with that oracle evaluated in float64, with the float32 oracle's
+distance as the floor. The tests against the experts-only oracle and its 0.04 bounds run the
+fp32-mat-vec set TRITON_OPS, which shares every other kernel with production.
 """
 
 import contextlib
@@ -17,6 +22,7 @@ import torch
 
 from dwarfstar.engine.engine import Engine, EngineOptions
 from dwarfstar.gguf.synth import synthesize
+from dwarfstar.model.forward import TRITON_INT8_OPS, TRITON_OPS
 from dwarfstar.model.planar_weights import planar_weights
 from dwarfstar.model.reference import ReferenceModel
 import int8_oracle
@@ -62,20 +68,30 @@ def _new_ref_state(reference, ctx):
 
 
 def test_greedy_and_top20_match_reference(engine, reference, tol, logprob_error):
-    _check_greedy(engine, reference, tol, logprob_error)
+    """TRITON_OPS against the experts-only int8 oracle."""
+    with _fp32_ops(engine):
+        _check_greedy(engine, reference, tol, logprob_error)
 
 
 @contextlib.contextmanager
-def _int8_ops(engine):
-    """The candidate TRITON_INT8_OPS (int8 activations for every Q8_0 product) for a `with`."""
-    from dwarfstar.model.forward import TRITON_INT8_OPS
-
+def _ops(engine, ops):
+    """engine.model.ops = ops for a `with`."""
     production = engine.model.ops
-    engine.model.ops = TRITON_INT8_OPS
+    engine.model.ops = ops
     try:
         yield
     finally:
         engine.model.ops = production
+
+
+def _int8_ops(engine):
+    """Production, TRITON_INT8_OPS (int8 activations for every Q8_0 product), for a `with`."""
+    return _ops(engine, TRITON_INT8_OPS)
+
+
+def _fp32_ops(engine):
+    """TRITON_OPS (fp32 mat-vecs; int8 inputs for the routed experts only) for a `with`."""
+    return _ops(engine, TRITON_OPS)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +118,7 @@ def test_int8_ops_greedy_and_top20_match_reference(engine, reference, reference6
         s64 = _new_ref_state(reference64, engine.options.ctx)
         tokens = _prompt(N_PROMPT)
         session.sync(tokens)
-        gpu_err, fp32_err, flips = [], [], []
+        gpu_err, fp32_err, mismatches = [], [], []
         for step in range(N_GREEDY + 1):
             r32 = _ref_logits(reference, s32, tokens, dense=True)
             r64 = _ref_logits(reference64, s64, tokens, dense=True)
@@ -111,11 +127,14 @@ def test_int8_ops_greedy_and_top20_match_reference(engine, reference, reference6
             fp32_err.append(logprob_error(r64, r32))
             token = int(got.argmax())
             top2 = torch.topk(r64, 2).values
-            if token != int(r64.argmax()) and (top2[0] - top2[1]).item() > max(fp32_err):
-                flips.append((step, round((top2[0] - top2[1]).item(), 4)))
+            if token != int(r64.argmax()):
+                mismatches.append((step, round((top2[0] - top2[1]).item(), 4)))
             if step < N_GREEDY:
                 session.eval(token)
                 tokens = [token]
+    # A greedy choice that differs where the anchor's top-2 gap exceeds the float32 oracle's
+    # largest distance is not a near-tie.
+    flips = [m for m in mismatches if m[1] > max(fp32_err)]
     ratio = _floor_ratio(gpu_err, fp32_err)
     print(f"int8 ops vs float64 int8 oracle: GPU mean {sum(gpu_err) / len(gpu_err):.3g} max {max(gpu_err):.3g}; "
           f"float32 oracle mean {sum(fp32_err) / len(fp32_err):.3g} max {max(fp32_err):.3g}; ratio {ratio:.3g}; "
@@ -163,13 +182,9 @@ def test_int8_ops_prefill_matches_decode(engine, reference, reference64, tol, lo
     "route",
 ])
 def test_fused_part_matches_reference(engine, reference, tol, logprob_error, part):
-    """Each fused decode kernel group of Ops.fused on its own (not yet in production)."""
-    production = engine.model.ops
-    engine.model.ops = dataclasses.replace(production, fused=frozenset({part}))
-    try:
+    """Each fused decode kernel group of Ops.fused on its own (on TRITON_OPS)."""
+    with _ops(engine, dataclasses.replace(TRITON_OPS, fused=frozenset({part}))):
         _check_greedy(engine, reference, tol, logprob_error)
-    finally:
-        engine.model.ops = production
 
 
 def _check_greedy(engine, reference, tol, logprob_error, dense=False):
@@ -230,6 +245,11 @@ def test_graph_replay_equals_eager(engine, tol):
 
 
 def test_prefill_matches_decode(engine, tol, logprob_error):
+    with _fp32_ops(engine):
+        _prefill_matches_decode(engine, tol, logprob_error)
+
+
+def _prefill_matches_decode(engine, tol, logprob_error):
     prompt = _prompt(160, seed=3)
     stepped = engine.new_session()
     stepped.sync(prompt[:1])
@@ -245,7 +265,14 @@ def test_prefill_matches_decode(engine, tol, logprob_error):
 
 
 def test_context_past_4096_with_indexer_topk(engine, reference, tol, logprob_error):
-    """4200 tokens: 1050 ratio-4 rows > top-k 512, so decode gathers indexer-selected rows."""
+    """4200 tokens: 1050 ratio-4 rows > top-k 512, so decode gathers indexer-selected rows.
+    On TRITON_OPS: the indexer, top-k and gathered attention kernels are production's; the
+    int8 Q8_0 products do not depend on the context (their gate is the tests above)."""
+    with _fp32_ops(engine):
+        _context_past_4096(engine, reference, tol, logprob_error)
+
+
+def _context_past_4096(engine, reference, tol, logprob_error):
     prompt = _prompt(4200, seed=4)
     session = engine.new_session()
     session.sync(prompt)
