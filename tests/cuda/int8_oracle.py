@@ -3,10 +3,13 @@
 `int8_expert_moe` is model/moe.py's `moe` except that each routed expert multiplies the
 int8-rounded activations the kernels use (per 32 inputs, scale amax/127; `numerics.int8_round`)
 for both its gate/up input and its down input. `int8_reference(model)` patches it into
-model/reference.py for a `with`: the production numerics (TRITON_OPS). With `dense=True` (the
-candidate TRITON_INT8_OPS) every Q8_0 product's input is rounded too: the shared expert's here
+model/reference.py for a `with`: the numerics of TRITON_OPS. With `dense=True` (production,
+TRITON_INT8_OPS) every Q8_0 product's input is rounded too: the shared expert's here
 (`LayerWeights.matvec_input`), attention's projections and the head through the model's
 `Numerics.int8_act`.
+
+`floor_ratio` is the GPU tests' measure for production's numerics (every Q8_0 input in int8):
+the GPU's distance to this oracle in float64 relative to the float32 oracle's.
 
 `ROUTE_GAPS` records, for every score-routed layer the oracle runs on one token, the gap
 between the K-th and (K+1)-th biased router score (the margin of its top-K choice); the GPU
@@ -28,6 +31,12 @@ _DENSE = [False]        # set by int8_reference(dense=...) for int8_expert_moe's
 
 
 ROUTE_GAPS: list[float] = []
+
+
+def floor_ratio(errors: list[float], floor: list[float]) -> float:
+    """Mean distance of the GPU to the float64 oracle over the float32 oracle's mean distance to
+    it (TOLERANCES "int8_floor_ratio")."""
+    return (sum(errors) / len(errors)) / max(sum(floor) / len(floor), 1e-12)
 
 
 def _record_route_gap(x, lw, config, dtype) -> None:

@@ -229,7 +229,7 @@ def test_full_size_one_step_from_the_reference_state(models, tol, logprob_error)
         gaps.append(min(int8_oracle.ROUTE_GAPS, default=math.inf))
         errors.append(logprob_error(anchor, session.logits()))
         floor.append(logprob_error(anchor, ref))
-    ratio = (sum(errors) / len(errors)) / max(sum(floor) / len(floor), 1e-12)
+    ratio = int8_oracle.floor_ratio(errors, floor)
     print(f"one step from the reference state, {N_STEPS_SYNCED} steps, top-20 |Δ logprob| vs the float64 "
           f"oracle: CUDA {[round(e, 4) for e in errors]}, float32 oracle {[round(e, 4) for e in floor]}, "
           f"ratio of means {ratio:.3g} (routing margins {[round(g, 5) for g in gaps]})")

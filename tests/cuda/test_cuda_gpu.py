@@ -100,12 +100,8 @@ def reference64(reference):
     return ReferenceModel(reference.weights, dtype=torch.float64)
 
 
-def _floor_ratio(gpu_errors, fp32_errors):
-    return (sum(gpu_errors) / len(gpu_errors)) / max(sum(fp32_errors) / len(fp32_errors), 1e-12)
-
-
 def test_int8_ops_greedy_and_top20_match_reference(engine, reference, reference64, tol, logprob_error):
-    """The gate for making TRITON_INT8_OPS production (int8 activations for every Q8_0 product).
+    """Production's numerics, TRITON_INT8_OPS (int8 activations for every Q8_0 product).
 
     With ~10^5 int8 rounding points per token, an fp32-order difference flips some codes at
     every step, so the function itself is only defined to what an fp32 evaluation of it
@@ -135,7 +131,7 @@ def test_int8_ops_greedy_and_top20_match_reference(engine, reference, reference6
     # A greedy choice that differs where the anchor's top-2 gap exceeds the float32 oracle's
     # largest distance is not a near-tie.
     flips = [m for m in mismatches if m[1] > max(fp32_err)]
-    ratio = _floor_ratio(gpu_err, fp32_err)
+    ratio = int8_oracle.floor_ratio(gpu_err, fp32_err)
     print(f"int8 ops vs float64 int8 oracle: GPU mean {sum(gpu_err) / len(gpu_err):.3g} max {max(gpu_err):.3g}; "
           f"float32 oracle mean {sum(fp32_err) / len(fp32_err):.3g} max {max(fp32_err):.3g}; ratio {ratio:.3g}; "
           f"greedy flips beyond the float32 spread {flips}\nGPU {[round(e, 4) for e in gpu_err]}\n"
@@ -161,7 +157,7 @@ def test_int8_ops_prefill_matches_decode(engine, reference, reference64, tol, lo
             step_logits.append(stepped.logits().clone())
         fp32_err = [logprob_error(r64[i], r32[i]) for i in range(-last, 0)]
         gpu_err = [logprob_error(r64[i], step_logits[i]) for i in range(-last, 0)]
-        ratio = _floor_ratio(gpu_err, fp32_err)
+        ratio = int8_oracle.floor_ratio(gpu_err, fp32_err)
         print(f"decode vs float64 oracle over the last {last}: mean {sum(gpu_err) / last:.3g}; "
               f"float32 oracle {sum(fp32_err) / last:.3g}; ratio {ratio:.3g}")
         assert ratio <= tol("int8_floor_ratio"), (gpu_err, fp32_err)
