@@ -1,10 +1,11 @@
 """Decode step time of switchable variants on one set of dummy weights (A/B in one process).
 
 A variant is a set of overrides: `ops` fields of the ForwardModel (fp32 mat-vecs instead of
-production's int8-activation Q8_0 products, hc_post's sums of squares) and decode attention's block shape for gathered rows or its
-tl.dot precision (speed only: accuracy is the GPU tests' job). A fresh session is
-captured per variant and timed as in cuda_decode_bench (graph replay, median of --steps),
-interleaved over --rounds so drift hits all variants alike.
+production's int8-activation Q8_0 products, hc_post's sums of squares), decode attention's block
+shape for gathered rows or its tl.dot precision, and programmatic dependent launch
+(kernels/pdl.py). Speed only: accuracy is the GPU tests' job. A fresh session is captured per
+variant and timed as in cuda_decode_bench (graph replay, median of --steps), interleaved over
+--rounds so drift hits all variants alike.
 
 Usage: PYTHONPATH=.:bench python3 bench/decode_variants.py [--layers 43] [--ctx 2048] [--only base ...]
 """
@@ -20,7 +21,7 @@ import torch
 from cuda_decode_bench import fill_state, flash_config, time_graph
 from dwarfstar.engine.cuda_engine import CudaEngine
 from dwarfstar.engine.engine import EngineOptions
-from dwarfstar.kernels import attend
+from dwarfstar.kernels import attend, pdl
 
 FP32 = {"q8_matvec": None, "q8_expert_matvec": None, "q8_gemm": None}     # TRITON_OPS's mat-vecs
 VARIANTS = {
@@ -29,6 +30,7 @@ VARIANTS = {
     "hc-sumsq": {"ops": {"hc_sumsq": True}},
     "gathered-16x32": {"gathered": (16, 32, 128)},
     "attend-tf32x3": {"dot": "tf32x3"},
+    "pdl": {"pdl": True},
 }
 
 
@@ -51,6 +53,7 @@ def main() -> None:
                 engine.model.ops = dataclasses.replace(production, **v.get("ops", {}))
                 attend.GATHERED_BLOCKS = v.get("gathered", blocks)
                 attend.DOT_PRECISION = v.get("dot", dot)
+                pdl.ENABLED = v.get("pdl", False)
                 session = engine.new_session(ctx=ctx + 64)
                 fill_state(session, ctx, gen)
                 ms = time_graph(session, args.steps)
@@ -59,6 +62,7 @@ def main() -> None:
                 del session
                 torch.cuda.empty_cache()
     engine.model.ops, attend.GATHERED_BLOCKS, attend.DOT_PRECISION = production, blocks, dot
+    pdl.ENABLED = False
     print(json.dumps({k: min(v) for k, v in res.items()}))
 
 

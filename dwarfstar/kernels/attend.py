@@ -36,6 +36,8 @@ import triton
 import triton.language as tl
 
 from dwarfstar.kernels.moe import act_buffers, store_int8_act
+from dwarfstar.kernels import pdl
+from dwarfstar.kernels.pdl import wait_for_inputs
 from dwarfstar.model.attention import _attend
 
 BLOCK_N = 16      # keys per program
@@ -84,7 +86,8 @@ def _attend_partial_kernel(q_ptr, raw_ptr, ring_pos_ptr, kv_ptr, pos_ptr, comp_p
                            m_ptr, l_ptr, o_ptr, ratio, H, W, M, sqrt_d, D: tl.constexpr,
                            HAS_COMP: tl.constexpr, HAS_IDX: tl.constexpr,
                            BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                           DOT: tl.constexpr):
+                           DOT: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_inputs(PDL)
     b = tl.program_id(0)
     g = tl.program_id(1)
     pos = tl.load(pos_ptr)
@@ -136,7 +139,8 @@ def _attend_partial_kernel(q_ptr, raw_ptr, ring_pos_ptr, kv_ptr, pos_ptr, comp_p
 def _attend_combine_kernel(m_ptr, l_ptr, o_ptr, sinks_ptr, out_ptr, H, D, NB,
                            pos_ptr, cos_ptr, sin_ptr, qw_ptr, qs_ptr, qq_ptr,
                            NB_P2: tl.constexpr, BLOCK_D: tl.constexpr, NP: tl.constexpr,
-                           ROPE: tl.constexpr, QUANT: tl.constexpr, USE_ASM: tl.constexpr):
+                           ROPE: tl.constexpr, QUANT: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_inputs(PDL)
     h = tl.program_id(0)
     d0 = tl.program_id(1) * BLOCK_D
     dd = d0 + tl.arange(0, BLOCK_D)
@@ -198,7 +202,7 @@ def attend_decode(q, raw, ring_pos, kv, pos, comp, comp_idx, ratio, sinks, inv_r
         q, raw, ring_pos, kv, pos, comp if has_comp else raw, comp_idx if has_idx else ring_pos,
         m, l, part, max(ratio, 1), n_heads, w, n_rows, math.sqrt(d), D=d,
         HAS_COMP=has_comp, HAS_IDX=has_idx, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT=DOT_PRECISION, num_warps=NUM_WARPS)
+        DOT=DOT_PRECISION, **pdl.launch(), num_warps=NUM_WARPS)
     combine_d = min(COMBINE_D, d)
     n_pairs = 1
     if inv_rope is not None:
@@ -213,5 +217,5 @@ def attend_decode(q, raw, ring_pos, kv, pos, comp, comp_idx, ratio, sinks, inv_r
     _attend_combine_kernel[(n_heads, d // combine_d)](
         m, l, part, sinks, out, n_heads, d, n_blocks, pos, *(inv_rope or (sinks, sinks)), *(oq or (out, out, out)),
         NB_P2=triton.next_power_of_2(n_blocks), BLOCK_D=combine_d, NP=n_pairs, ROPE=inv_rope is not None,
-        QUANT=quantize, USE_ASM=q.is_cuda, num_warps=NUM_WARPS)
+        QUANT=quantize, USE_ASM=q.is_cuda, **pdl.launch(), num_warps=NUM_WARPS)
     return (out, oq) if quantize else out

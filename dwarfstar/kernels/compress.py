@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dwarfstar.kernels import pdl
+from dwarfstar.kernels.pdl import wait_for_inputs
 from dwarfstar.kernels.rounding import _round_kv_block
 from dwarfstar.model.numerics import FP8_AMAX_FLOOR, FP8_BLOCK, fp8_sim, half_round, rms_norm
 from dwarfstar.model.rope import apply_rope
@@ -66,7 +68,8 @@ def _rope_block(y, c0, p0, cos_ptr, sin_ptr, C, NP: tl.constexpr, B: tl.constexp
 @triton.jit
 def _compress_pool_kernel(a_ptr, z_ptr, ape_ptr, pos_ptr, kv_ptr, sc_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr,
                           eps, R: tl.constexpr, C: tl.constexpr, W: tl.constexpr, OV: tl.constexpr,
-                          NP: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, FINISH: tl.constexpr):
+                          NP: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, FINISH: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_inputs(PDL)
     pos = tl.load(pos_ptr)
     ph = (pos % R).to(tl.int32)
     NS: tl.constexpr = 2 * R if OV else R
@@ -148,7 +151,7 @@ def compress_pool(a, z, ape, pos, kv_f, score_f, norm, cos, sin, eps: float, r: 
     _compress_pool_kernel[(triton.cdiv(c, cb),)](
         a, z, ape, pos, kv_f, score_f, norm if one else a, cos if one else a, sin if one else a, out,
         eps, R=r, C=c, W=w, OV=ov, NP=cos.shape[1] if one else 1, CB=cb, SB=sb, FINISH=one,
-        num_warps=4 if sb * cb >= POOL_WIDE_TILE else 1)
+        **pdl.launch(), num_warps=4 if sb * cb >= POOL_WIDE_TILE else 1)
     if finish and not one:
         row = torch.empty_like(out)
         _finish(out, row, pos, r, 0, False, False, norm, cos, sin, eps, always=True)
@@ -159,7 +162,8 @@ def compress_pool(a, z, ape, pos, kv_f, score_f, norm, cos, sin, eps: float, r: 
 @triton.jit
 def _emit_row_kernel(x_ptr, rows_ptr, pos_ptr, w_ptr, cos_ptr, sin_ptr, C, N_NOPE, eps, amax_floor,
                      R: tl.constexpr, NP: tl.constexpr, CP: tl.constexpr, NORM: tl.constexpr,
-                     FP8: tl.constexpr, HALF: tl.constexpr, ALWAYS: tl.constexpr):
+                     FP8: tl.constexpr, HALF: tl.constexpr, ALWAYS: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_inputs(PDL)
     blk = tl.program_id(0)
     pos = tl.load(pos_ptr)
     offs = blk * 64 + tl.arange(0, 64)
@@ -196,7 +200,7 @@ def _finish(x, rows, pos, r, n_nope, fp8, half, norm, cos, sin, eps, always: boo
     _emit_row_kernel[(c // FP8_BLOCK,)](
         x, rows, pos, norm if has_norm else x, cos if has_norm else x, sin if has_norm else x, c, n_nope, eps,
         FP8_AMAX_FLOOR, R=r, NP=cos.shape[1] if has_norm else 1, CP=triton.next_power_of_2(c), NORM=has_norm,
-        FP8=fp8, HALF=half, ALWAYS=always, num_warps=1)
+        FP8=fp8, HALF=half, ALWAYS=always, **pdl.launch(), num_warps=1)
 
 
 # ---- twins ------------------------------------------------------------------------------

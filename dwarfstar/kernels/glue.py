@@ -31,6 +31,8 @@ import triton
 import triton.language as tl
 
 from dwarfstar.kernels.moe import act_buffers, store_int8_act
+from dwarfstar.kernels import pdl
+from dwarfstar.kernels.pdl import wait_for_inputs
 from dwarfstar.model.numerics import rms_norm as rms_norm_ref
 from dwarfstar.model.rope import apply_rope
 
@@ -62,7 +64,8 @@ def row_rsqrt(x_ptr, row, eps, D, BLOCK: tl.constexpr):
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, D, eps, qw_ptr, qs_ptr, qq_ptr, HAS_W: tl.constexpr, BLOCK: tl.constexpr,
-                     QUANT: tl.constexpr, USE_ASM: tl.constexpr):
+                     QUANT: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     base = row * D
     r = row_rsqrt(x_ptr, row, eps, D, BLOCK)
@@ -98,13 +101,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, quantize:
     yq = _act_form(rows, d, block, quantize, x.device)
     _rms_norm_kernel[(rows,)](xc, weight if weight is not None else xc, y, d, eps, *(yq or (y, y, y)),
                               HAS_W=weight is not None, BLOCK=block, QUANT=quantize, USE_ASM=x.is_cuda,
-                              num_warps=4)
+                              **pdl.launch(), num_warps=4)
     return (y, yq) if quantize else y
 
 
 @triton.jit
 def _rope_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, R, DV, HEAD,
-                 NP: tl.constexpr, INVERSE: tl.constexpr, BLOCK_R: tl.constexpr):
+                 NP: tl.constexpr, INVERSE: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_inputs(PDL)
     t = tl.program_id(0)
     rb = tl.program_id(1)
     # Negative positions (a compressor window not yet complete in decode) read row 0: the
@@ -136,13 +140,14 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch
     block_r = min(16, triton.next_power_of_2(max(r, 1)))
     if t > 0 and r > 0:
         _rope_kernel[(t, triton.cdiv(r, block_r))](x, positions, cos, sin, r, dv, dv - 2 * n_pairs,
-                                                   NP=n_pairs, INVERSE=inverse, BLOCK_R=block_r, num_warps=2)
+                                                   NP=n_pairs, INVERSE=inverse, BLOCK_R=block_r, **pdl.launch(), num_warps=2)
     return x
 
 
 @triton.jit
 def _norm_rope_kernel(x_ptr, w_ptr, y_ptr, pos_ptr, cos_ptr, sin_ptr, R, D, HEAD, eps,
-                      HAS_W: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr):
+                      HAS_W: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)              # token t = row // R
     base = row * D
     offs = tl.arange(0, BLOCK)
@@ -190,13 +195,14 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, position
     if rows:
         _norm_rope_kernel[(rows,)](xc, weight if weight is not None else xc, y, positions, cos, sin,
                                    per_token, d, d - 2 * n_pairs, eps, HAS_W=weight is not None,
-                                   BLOCK=block, NP=n_pairs, num_warps=4)
+                                   BLOCK=block, NP=n_pairs, **pdl.launch(), num_warps=4)
     return y
 
 
 @triton.jit
 def _swiglu_kernel(g_ptr, v_ptr, y_ptr, F, limit, qw_ptr, qs_ptr, qq_ptr, HAS_LIMIT: tl.constexpr,
-                   BLOCK: tl.constexpr, QUANT: tl.constexpr, USE_ASM: tl.constexpr):
+                   BLOCK: tl.constexpr, QUANT: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < F
@@ -221,5 +227,5 @@ def swiglu(g: torch.Tensor, v: torch.Tensor, limit: float, quantize: bool = Fals
     block = min(NORM_BLOCK, triton.next_power_of_2(f))
     yq = _act_form(r, f, block, quantize, g.device)
     _swiglu_kernel[(r, triton.cdiv(f, block))](g, v, y, f, float(limit), *(yq or (y, y, y)), HAS_LIMIT=limit > 0,
-                                               BLOCK=block, QUANT=quantize, USE_ASM=g.is_cuda, num_warps=4)
+                                               BLOCK=block, QUANT=quantize, USE_ASM=g.is_cuda, **pdl.launch(), num_warps=4)
     return (y, yq) if quantize else y

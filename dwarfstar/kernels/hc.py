@@ -30,6 +30,8 @@ import triton.language as tl
 
 from dwarfstar.kernels.glue import row_rsqrt
 from dwarfstar.kernels.moe import act_buffers, store_int8_act
+from dwarfstar.kernels import pdl
+from dwarfstar.kernels.pdl import wait_for_inputs
 from dwarfstar.model.hc import sinkhorn
 from dwarfstar.model.numerics import rms_norm
 from dwarfstar.shape import QK_K
@@ -116,7 +118,8 @@ def _weighted_norm(x_ptr, pre, w_ptr, h_ptr, row, norm_eps, K, hw_ptr, hs_ptr, h
 def _hc_split_kernel(mix_ptr, scale_ptr, base_ptr, x_ptr, pre_ptr, post_ptr, m_ptr, w_ptr, h_ptr, eps, norm_eps,
                      T, K, hw_ptr, hs_ptr, hq_ptr, ss_ptr, N: tl.constexpr, M: tl.constexpr, S: tl.constexpr,
                      ITERS: tl.constexpr, FULL: tl.constexpr, HAS_X: tl.constexpr, NORMED: tl.constexpr,
-                     BLOCK: tl.constexpr, QUANT: tl.constexpr, USE_ASM: tl.constexpr, NSS: tl.constexpr):
+                     BLOCK: tl.constexpr, QUANT: tl.constexpr, USE_ASM: tl.constexpr, NSS: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_inputs(PDL)
     row = tl.program_id(0)
     r = _row_scale(x_ptr, row, norm_eps, K, ss_ptr, HAS_X, BLOCK, NSS)
     i = tl.arange(0, N)
@@ -181,7 +184,7 @@ def _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, full, weight=Non
                            ss if ss is not None else pre,
                            N=n, M=width, S=s, ITERS=iters, FULL=full, HAS_X=x is not None,
                            NORMED=weight is not None, BLOCK=block, QUANT=quantize, USE_ASM=dev.type == "cuda",
-                           NSS=0 if ss is None else ss.shape[1], num_warps=4 if x is not None else 1)
+                           NSS=0 if ss is None else ss.shape[1], **pdl.launch(), num_warps=4 if x is not None else 1)
     if quantize:
         return h, post, m, hq
     return (h if weight is not None else pre), post, m
@@ -244,7 +247,8 @@ def hc_weighted_sum_ref(x, pre):
 
 @triton.jit
 def _hc_post_kernel(f_ptr, add_ptr, x_ptr, post_ptr, m_ptr, y_ptr, ss_ptr, D, N: tl.constexpr, P: tl.constexpr,
-                    HAS_ADD: tl.constexpr, BLOCK_D: tl.constexpr, SUMSQ: tl.constexpr):
+                    HAS_ADD: tl.constexpr, BLOCK_D: tl.constexpr, SUMSQ: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_inputs(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = offs < D
@@ -267,7 +271,8 @@ def _hc_post_kernel(f_ptr, add_ptr, x_ptr, post_ptr, m_ptr, y_ptr, ss_ptr, D, N:
 
 
 @triton.jit
-def _hc_weighted_sum_kernel(x_ptr, pre_ptr, y_ptr, D, N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _hc_weighted_sum_kernel(x_ptr, pre_ptr, y_ptr, D, N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_inputs(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = offs < D
@@ -305,7 +310,7 @@ def hc_post(f, x, post, m, f_add=None, sumsq: bool = False):
     _hc_post_kernel[(t, blocks)](
         f, f if f_add is None else f_add, x, post, m, y, ss if sumsq else y, d, N=n,
         P=f.shape[1] if f.dim() == 3 else 1, HAS_ADD=f_add is not None, BLOCK_D=HC_BLOCK_D, SUMSQ=sumsq,
-        num_warps=4)
+        **pdl.launch(), num_warps=4)
     return (y, ss) if sumsq else y
 
 
@@ -313,5 +318,5 @@ def hc_weighted_sum(x, pre):
     t, n = _check_streams(x, pre)
     d = x.shape[2]
     y = torch.empty(t, d, dtype=x.dtype, device=x.device)
-    _hc_weighted_sum_kernel[(t, triton.cdiv(d, HC_BLOCK_D))](x, pre, y, d, N=n, BLOCK_D=HC_BLOCK_D, num_warps=4)
+    _hc_weighted_sum_kernel[(t, triton.cdiv(d, HC_BLOCK_D))](x, pre, y, d, N=n, BLOCK_D=HC_BLOCK_D, **pdl.launch(), num_warps=4)
     return y

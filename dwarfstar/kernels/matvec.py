@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dwarfstar.kernels import pdl
+from dwarfstar.kernels.pdl import wait_for_inputs
 from dwarfstar.kernels.repack import (
     Planar, PlanarF16, PlanarIQ2XXS, PlanarQ2K, PlanarQ4K, PlanarQ8_0,
     dequantize_planar, iq2xxs_tables, select_experts,
@@ -145,7 +147,9 @@ def _matvec_kernel(
     p0, p1, p2, p3, ids_ptr, x_ptr, y_ptr, N, K, K_CHUNK,
     FMT: tl.constexpr, HAS_IDS: tl.constexpr, B: tl.constexpr, BP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     # Split K: program (i, s, c) sums inputs [c K_CHUNK, (c + 1) K_CHUNK) into partial c.
@@ -272,7 +276,7 @@ def _launch(w, ids, x, out, n_slots, cols, block_n, block_k, num_warps, splits=0
     _matvec_kernel[grid](
         p0, p1, p2, p3, ids if ids is not None else p0, x, out, n, k, split_chunk(k, splits, block_k),
         FMT=FMT[type(w)], HAS_IDS=ids is not None, B=cols, BP=triton.next_power_of_2(cols),
-        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=splits > 0, num_warps=num_warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=splits > 0, **pdl.launch(), num_warps=num_warps,
     )
     return out
 

@@ -30,6 +30,8 @@ import triton.language as tl
 
 from dwarfstar.kernels.matvec import MAX_COLS, slot_rows
 from dwarfstar.kernels.moe import QBLOCK, _dp4a
+from dwarfstar.kernels import pdl
+from dwarfstar.kernels.pdl import wait_for_inputs
 from dwarfstar.kernels.repack import PlanarQ8_0, dequantize_planar, select_experts
 from dwarfstar.model.numerics import int8_round
 
@@ -64,9 +66,10 @@ def expert_matvec_q8_ref(w: PlanarQ8_0, ids: torch.Tensor, x: torch.Tensor,
 @triton.jit
 def _q8_i8_kernel(qs_ptr, d_ptr, ids_ptr, xw_ptr, xs_ptr, y_ptr, N, K,
                   HAS_IDS: tl.constexpr, B: tl.constexpr, BP: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr = False):
     """Program (i, s): rows i*BLOCK_N.. of slot s (its expert ids[s] if HAS_IDS) for the B
     columns of slot s. Weights are read as int32 words of four int8 (qs viewed as int32)."""
+    wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n, mask_n, rows = slot_rows(ids_ptr, pid_n, pid_s, N, HAS_IDS, BLOCK_N)
@@ -116,7 +119,7 @@ def _launch(w: PlanarQ8_0, ids, xq, out, n_slots: int, cols: int, tiling, use_as
     _q8_i8_kernel[(triton.cdiv(n, block_n), n_slots)](
         w.qs.view(torch.int32), w.d, ids if ids is not None else words, words, scale, out, n, k,
         HAS_IDS=ids is not None, B=cols, BP=triton.next_power_of_2(cols), BLOCK_N=block_n, BLOCK_K=block_k,
-        USE_ASM=words.is_cuda if use_asm is None else use_asm, num_warps=num_warps)
+        USE_ASM=words.is_cuda if use_asm is None else use_asm, **pdl.launch(), num_warps=num_warps)
     return out
 
 

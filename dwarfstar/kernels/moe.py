@@ -50,6 +50,8 @@ import triton.language as tl
 from gguf.quants import IQ2_XXS
 
 from dwarfstar.kernels import moe_nvrtc
+from dwarfstar.kernels import pdl
+from dwarfstar.kernels.pdl import wait_for_inputs
 from dwarfstar.model.numerics import INT8_BLOCK, int8_quantize
 from dwarfstar.kernels.repack import (
     Planar, PlanarIQ2XXS, PlanarQ2K, PlanarQ4K, dequantize_planar, select_experts,
@@ -165,8 +167,9 @@ def store_int8_act(v, words_ptr, scale_ptr, qsum_ptr, R: tl.constexpr, USE_ASM: 
 
 
 @triton.jit
-def _quantize_act_kernel(a_ptr, words_ptr, scale_ptr, qsum_ptr, n, USE_ASM: tl.constexpr):
+def _quantize_act_kernel(a_ptr, words_ptr, scale_ptr, qsum_ptr, n, USE_ASM: tl.constexpr, PDL: tl.constexpr = False):
     """Program (r, j): super-block j (256 inputs) of activation row r."""
+    wait_for_inputs(PDL)
     r = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     a = tl.load(a_ptr + r * n + j * 256 + tl.arange(0, 256))
@@ -285,8 +288,10 @@ def _moe_gate_up_kernel(
     g0, g1, g2, g3, u0, u1, u2, u3, ids_ptr, wts_ptr, xw_ptr, xs_ptr, xq_ptr, mid_ptr, F, D, limit,
     FMT: tl.constexpr, K: tl.constexpr, HAS_LIMIT: tl.constexpr, USE_ASM: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Program (i, s): rows i*BN.. of slot s = b*K + k, gate and up together + SwiGLU."""
+    wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     slot = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -314,11 +319,13 @@ def _moe_gate_up_kernel(
 def _moe_down_kernel(
     p0, p1, p2, p3, ids_ptr, mw_ptr, ms_ptr, mq_ptr, y_ptr, D, F,
     FMT: tl.constexpr, SPLITS: tl.constexpr, USE_ASM: tl.constexpr, BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Program (i, p): rows i*BN.. of partial p = slot * SPLITS + c, slot s = b*K + k: the
     c-th 1/SPLITS of expert ids[s]'s inputs. One program per (expert, input range) keeps
     enough of them in flight at B = 1 (one program per row block summing all K experts
     left most of the GPU idle); the launcher sums the partials in a fixed order."""
+    wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     part = tl.program_id(1)
     slot = (part // SPLITS).to(tl.int64)
@@ -362,7 +369,7 @@ def quantize_act(a: torch.Tensor, use_asm: bool | None = None) -> tuple[torch.Te
     scale = torch.empty(r, n // 32, dtype=torch.float32, device=a.device)
     qsum = torch.empty(r, n // 16, dtype=torch.int32, device=a.device)
     _quantize_act_kernel[(r, n // QK_K)](a, words, scale, qsum, n, USE_ASM=a.is_cuda if use_asm is None else use_asm,
-                                         num_warps=2)
+                                         **pdl.launch(), num_warps=2)
     return words, scale, qsum
 
 
@@ -400,7 +407,7 @@ def moe_gate_up(gate: Planar, up: Planar, x: torch.Tensor, ids: torch.Tensor, we
         *_weight_args(gate), *_weight_args(up), ids, weights, *(xq or quantize_act(x, use_asm)), out, f, d,
         float(limit),
         FMT=FMT[type(gate)], K=k, HAS_LIMIT=limit > 0, USE_ASM=use_asm,
-        BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_N=block_n, **pdl.launch(), num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
@@ -421,7 +428,7 @@ def moe_down_parts(down: Planar, mid: torch.Tensor, ids: torch.Tensor, block_n: 
     grid = (triton.cdiv(d, block_n), mid.shape[0] * k * splits)
     _moe_down_kernel[grid](
         *_weight_args(down), ids, *quantize_act(mid.reshape(-1, f), use_asm), parts, d, f,
-        FMT=FMT[type(down)], SPLITS=splits, USE_ASM=use_asm, BLOCK_N=block_n, num_warps=num_warps,
+        FMT=FMT[type(down)], SPLITS=splits, USE_ASM=use_asm, BLOCK_N=block_n, **pdl.launch(), num_warps=num_warps,
         num_stages=num_stages,
     )
     return parts

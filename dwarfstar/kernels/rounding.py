@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dwarfstar.kernels import pdl
+from dwarfstar.kernels.pdl import wait_for_inputs
 from dwarfstar.model.numerics import FP4_AMAX_FLOOR, FP4_BLOCK, FP4_MAX
 
 
@@ -88,7 +90,8 @@ def _round_kv_block(v, blk, N_NOPE, amax_floor, FP8: tl.constexpr, HALF: tl.cons
 
 
 @triton.jit
-def _kv_round_kernel(x_ptr, y_ptr, D, N_NOPE, amax_floor, FP8: tl.constexpr, HALF: tl.constexpr):
+def _kv_round_kernel(x_ptr, y_ptr, D, N_NOPE, amax_floor, FP8: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     offs = blk * 64 + tl.arange(0, 64)
@@ -105,7 +108,7 @@ def kv_round(row: torch.Tensor, n_nope: int, fp8: bool, half: bool) -> torch.Ten
     y = torch.empty_like(x)
     n = x.numel() // d
     if n:
-        _kv_round_kernel[(n, d // FP8_BLOCK)](x, y, d, n_nope, FP8_AMAX_FLOOR, FP8=fp8, HALF=half, num_warps=1)
+        _kv_round_kernel[(n, d // FP8_BLOCK)](x, y, d, n_nope, FP8_AMAX_FLOOR, FP8=fp8, HALF=half, **pdl.launch(), num_warps=1)
     return y
 
 
@@ -118,7 +121,8 @@ def kv_round(row: torch.Tensor, n_nope: int, fp8: bool, half: bool) -> torch.Ten
 
 @triton.jit
 def _index_round_kernel(x_ptr, h_ptr, y_ptr, R, amax_floor, D: tl.constexpr, BR: tl.constexpr,
-                        FP4: tl.constexpr, HALF: tl.constexpr):
+                        FP4: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_inputs(PDL)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     rm = (rows < R)[:, None]
     d = tl.arange(0, D)
@@ -148,7 +152,7 @@ def index_round(x: torch.Tensor, h: torch.Tensor, fp4: bool, half: bool) -> torc
     y = torch.empty_like(xc)
     n = xc.numel() // d
     _index_round_kernel[(triton.cdiv(n, 16),)](xc, h, y, n, FP4_AMAX_FLOOR, D=d, BR=16, FP4=fp4, HALF=half,
-                                               num_warps=4)
+                                               **pdl.launch(), num_warps=4)
     return y
 
 
@@ -169,7 +173,8 @@ INDEX_SCORE_HEADS = 16
 
 @triton.jit
 def _index_score_kernel(q_ptr, w_ptr, rows_ptr, pos_ptr, out_ptr, CAP, H, denom, R: tl.constexpr,
-                        HC: tl.constexpr, D: tl.constexpr, BC: tl.constexpr):
+                        HC: tl.constexpr, D: tl.constexpr, BC: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_inputs(PDL)
     c0 = tl.program_id(0) * BC
     c = c0 + tl.arange(0, BC)
     n_vis = (tl.load(pos_ptr) + 1) // R
@@ -199,5 +204,5 @@ def index_scores(q, wts, rows, pos, r: int, denom: float) -> torch.Tensor:
     out = torch.empty(1, cap, dtype=torch.float32, device=q.device)
     _index_score_kernel[(triton.cdiv(cap, INDEX_SCORE_ROWS),)](q, wts, rows, pos, out, cap, n_h, denom, R=r,
                                                                HC=INDEX_SCORE_HEADS, D=d, BC=INDEX_SCORE_ROWS,
-                                                               num_warps=4)
+                                                               **pdl.launch(), num_warps=4)
     return out

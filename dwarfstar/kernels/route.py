@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from dwarfstar.kernels import pdl
+from dwarfstar.kernels.pdl import wait_for_inputs
 from dwarfstar.kernels.rounding import stable_topk
 from dwarfstar.model.moe import ROUTE_SUM_FLOOR
 
@@ -54,7 +56,8 @@ def _score(x, LIBDEVICE: tl.constexpr):
 @triton.jit
 def _route_kernel(x_ptr, tok_ptr, bias_ptr, tid_ptr, ids_ptr, wts_ptr, E, route_scale, floor,
                   K: tl.constexpr, KB: tl.constexpr, BLOCK: tl.constexpr, HASH: tl.constexpr, NORM: tl.constexpr,
-                  LIBDEVICE: tl.constexpr):
+                  LIBDEVICE: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_inputs(PDL)
     e = tl.arange(0, BLOCK)
     em = e < E
     kk = tl.arange(0, KB)
@@ -97,7 +100,7 @@ def route(logits, token, bias, tid2eid, k: int, norm_topk: bool, route_scale: fl
     _route_kernel[(1,)](logits, token, logits if is_hash else bias, tid2eid if is_hash else token, ids, wts, e,
                         route_scale, ROUTE_SUM_FLOOR, K=k, KB=triton.next_power_of_2(k),
                         BLOCK=triton.next_power_of_2(e), HASH=is_hash, NORM=norm_topk,
-                        LIBDEVICE=logits.is_cuda, num_warps=ROUTE_WARPS)
+                        LIBDEVICE=logits.is_cuda, **pdl.launch(), num_warps=ROUTE_WARPS)
     return ids, wts
 
 

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dwarfstar.kernels import pdl
+from dwarfstar.kernels.pdl import wait_for_inputs
 from dwarfstar.kernels.rounding import stable_topk
 
 # Longest row held in one program's registers (16 warps x 64 keys); also keeps the packed
@@ -49,7 +51,8 @@ def _order_key(v):
 
 
 @triton.jit
-def _select_topk_kernel(v_ptr, out_ptr, N, K, BLOCK: tl.constexpr, EMIT: tl.constexpr):
+def _select_topk_kernel(v_ptr, out_ptr, N, K, BLOCK: tl.constexpr, EMIT: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     v_row = v_ptr + row * N
     offs = tl.arange(0, BLOCK)
@@ -93,5 +96,5 @@ def select_topk(values: torch.Tensor, k: int) -> torch.Tensor:
     out = torch.empty(n_rows, k, dtype=torch.int64, device=values.device)
     block = max(16, triton.next_power_of_2(n))
     _select_topk_kernel[(n_rows,)](values, out, n, k, BLOCK=block, EMIT=min(block, EMIT_BLOCK),
-                                   num_warps=min(16, max(4, block // 1024)))
+                                   **pdl.launch(), num_warps=min(16, max(4, block // 1024)))
     return out

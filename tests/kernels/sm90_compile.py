@@ -6,7 +6,8 @@ the backend refuses). This compiles, through Triton's own ptxas for an H100/H200
 - the kernels listed in `cases()` at the Flash-shape settings production and the int8 candidate
   use (the kernels changed for the int8 path);
 - with argv[1] (JSON from record_launches.py), every specialisation a tiny decode step and
-  prefill launched under the interpreter, production and int8 ops.
+  prefill launched under the interpreter, production and int8 ops, PDL-aware kernels also in
+  their PDL form (kernels/pdl.py).
 Run as a script with TRITON_INTERPRET unset (tests/kernels/test_compile_sm90.py does); prints
 one line per kernel and exits non-zero on the first failure.
 """
@@ -32,6 +33,8 @@ F32, F16, I32, I64, I8 = "*fp32", "*fp16", "*i32", "*i64", "*i8"
 def compile_sm90(fn, types: dict, constexprs: dict, num_warps: int = 4) -> None:
     """fn's runtime args typed by `types` (pointer/scalar type strings), the rest constexprs."""
     names = fn.arg_names
+    if "PDL" in names:
+        constexprs = {"PDL": False} | constexprs        # kernels/pdl.py; recorded() adds PDL=True forms
     missing = [n for n in names if n not in types and n not in constexprs]
     assert not missing, f"{fn.__name__}: no type for {missing}"
     sig = {n: ("constexpr" if n in constexprs else types[n]) for n in names}
@@ -40,11 +43,14 @@ def compile_sm90(fn, types: dict, constexprs: dict, num_warps: int = 4) -> None:
 
 
 def recorded(path: str):
-    """The specialisations record_launches.py wrote."""
+    """The specialisations record_launches.py wrote; for a PDL-aware kernel also its PDL form
+    (kernels/pdl.py: the interpreter always launches PDL=False)."""
     for spec in json.loads(open(path).read()):
         fn = getattr(importlib.import_module(spec["module"]), spec["name"])
         label = f"{spec['name']} {spec['constexprs']}"
         yield label, fn, spec["types"], spec["constexprs"], spec["num_warps"]
+        if "PDL" in fn.arg_names:
+            yield label + " PDL", fn, spec["types"], spec["constexprs"] | {"PDL": True}, spec["num_warps"]
 
 
 def cases():

@@ -1,0 +1,48 @@
+"""Programmatic dependent launch (PDL) for the decode kernels: the next kernel in a stream is
+launched while the current one finishes, and waits on the device instead of in the launch queue.
+
+Contract: a kernel with a `PDL: tl.constexpr` parameter calls `wait_for_inputs(PDL)` as its
+first statement (before any load or store; tests/kernels/test_pdl.py checks this), so it
+reads and writes nothing until the kernel before it in the stream has completed and its
+writes are visible (griddepcontrol.wait), and then lets its own successor launch. Its launcher
+passes `**launch()`: {"PDL": True, "launch_pdl": True} when ENABLED on a GPU that has PDL
+(sm_90 and later, not under the interpreter), else {"PDL": False} (the kernel is unchanged).
+Because every PDL kernel waits first, a chain of them keeps stream order: each one completes
+only after its predecessor did. Kernels without the parameter (torch's, the NVRTC expert
+kernel) launch as before.
+
+Why: on the H200 a kernel boundary inside a CUDA graph costs ~1.2 µs with plain launches and
+~0.75 µs with PDL (bench/pdl_bench.py), and a decode step has ~1,400 launches.
+Candidate: off until a GPU run times it (bench/decode_variants.py "pdl").
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+ENABLED = False
+
+
+def _capable() -> bool:
+    return (os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.cuda.is_available()
+            and torch.cuda.get_device_capability() >= (9, 0))
+
+
+_CAPABLE = _capable()
+
+
+def launch() -> dict:
+    """Keyword arguments for a PDL-aware kernel's launch (module contract)."""
+    return {"PDL": True, "launch_pdl": True} if ENABLED and _CAPABLE else {"PDL": False}
+
+
+@triton.jit
+def wait_for_inputs(PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
