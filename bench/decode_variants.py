@@ -1,7 +1,7 @@
 """Decode step time of switchable variants on one set of dummy weights (A/B in one process).
 
 A variant is a set of overrides: `ops` fields of the ForwardModel (fp32 mat-vecs instead of
-production's int8-activation Q8_0 products, hc_post's sums of squares), decode attention's block
+production's int8-activation Q8_0 products, hc_post's sums of squares or Gram partials), decode attention's block
 shape for gathered rows or its tl.dot precision, and programmatic dependent launch
 (kernels/pdl.py). Speed only: accuracy is the GPU tests' job. A fresh session is captured per
 variant and timed as in cuda_decode_bench (graph replay, median of --steps), interleaved over
@@ -28,9 +28,11 @@ VARIANTS = {
     "base": {},
     "fp32-dense": {"ops": FP32},
     "hc-sumsq": {"ops": {"hc_sumsq": True}},
+    "hc-gram": {"ops": {"hc_gram": True}},
     "gathered-16x32": {"gathered": (16, 32, 128)},
     "attend-tf32x3": {"dot": "tf32x3"},
     "pdl": {"pdl": True},
+    "hc-gram+pdl": {"ops": {"hc_gram": True}, "pdl": True},
 }
 
 

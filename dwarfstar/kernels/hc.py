@@ -115,6 +115,26 @@ def _weighted_norm(x_ptr, pre, w_ptr, h_ptr, row, norm_eps, K, hw_ptr, hs_ptr, h
 
 
 @triton.jit
+def _post_and_comb(mix_ptr, scale_ptr, base_ptr, post_ptr, m_ptr, row, r, eps, T, N: tl.constexpr,
+                   M: tl.constexpr, S: tl.constexpr, ITERS: tl.constexpr):
+    """post = 2σ(scale1 mix' + base) and the Sinkhorn matrix m of one row (mix' = mix r)."""
+    i = tl.arange(0, N)
+    s1 = tl.load(scale_ptr + 1)
+    s2 = tl.load(scale_ptr + 2)
+    b = s1 * (_load_mix(mix_ptr, row, N + i, T, M, S) * r) + tl.load(base_ptr + N + i)
+    tl.store(post_ptr + row * N + i, 2.0 / (1.0 + tl.exp(-b)))
+    ij = i[:, None] * N + i[None, :]
+    c = s2 * (_load_mix(mix_ptr, row, 2 * N + ij, T, M, S) * r) + tl.load(base_ptr + 2 * N + ij)
+    e = tl.exp(c - tl.max(c, axis=1)[:, None])
+    m = e / tl.sum(e, axis=1)[:, None] + eps
+    m = m / (tl.sum(m, axis=0)[None, :] + eps)
+    for _ in tl.static_range(ITERS - 1):
+        m = m / (tl.sum(m, axis=1)[:, None] + eps)
+        m = m / (tl.sum(m, axis=0)[None, :] + eps)
+    tl.store(m_ptr + row * N * N + ij, m)
+
+
+@triton.jit
 def _hc_split_kernel(mix_ptr, scale_ptr, base_ptr, x_ptr, pre_ptr, post_ptr, m_ptr, w_ptr, h_ptr, eps, norm_eps,
                      T, K, hw_ptr, hs_ptr, hq_ptr, ss_ptr, N: tl.constexpr, M: tl.constexpr, S: tl.constexpr,
                      ITERS: tl.constexpr, FULL: tl.constexpr, HAS_X: tl.constexpr, NORMED: tl.constexpr,
@@ -130,19 +150,7 @@ def _hc_split_kernel(mix_ptr, scale_ptr, base_ptr, x_ptr, pre_ptr, post_ptr, m_p
     if NORMED:
         _weighted_norm(x_ptr, pre, w_ptr, h_ptr, row, norm_eps, K, hw_ptr, hs_ptr, hq_ptr, N, BLOCK, QUANT, USE_ASM)
     if FULL:
-        s1 = tl.load(scale_ptr + 1)
-        s2 = tl.load(scale_ptr + 2)
-        b = s1 * (_load_mix(mix_ptr, row, N + i, T, M, S) * r) + tl.load(base_ptr + N + i)
-        tl.store(post_ptr + row * N + i, 2.0 / (1.0 + tl.exp(-b)))
-        ij = i[:, None] * N + i[None, :]
-        c = s2 * (_load_mix(mix_ptr, row, 2 * N + ij, T, M, S) * r) + tl.load(base_ptr + 2 * N + ij)
-        e = tl.exp(c - tl.max(c, axis=1)[:, None])
-        m = e / tl.sum(e, axis=1)[:, None] + eps
-        m = m / (tl.sum(m, axis=0)[None, :] + eps)
-        for _ in tl.static_range(ITERS - 1):
-            m = m / (tl.sum(m, axis=1)[:, None] + eps)
-            m = m / (tl.sum(m, axis=0)[None, :] + eps)
-        tl.store(m_ptr + row * N * N + ij, m)
+        _post_and_comb(mix_ptr, scale_ptr, base_ptr, post_ptr, m_ptr, row, r, eps, T, N, M, S, ITERS)
 
 
 def _check_mix(mix, x, scale, base):
@@ -220,6 +228,84 @@ def hc_head_split(mix, scale, base, eps: float, x=None, norm_eps: float = 0.0, s
     return _launch_split(mix, scale, base, n, 1, eps, x, norm_eps, False, ss=ss)[0]
 
 
+# ---- the split from hc_post's Gram partials (candidate Ops.hc_gram) ------------------
+# `hc_split_norm_gram(mix, scale, base, n, iters, eps, x, norm_eps, weight, gram, quantize)`:
+# hc_split_norm for decode rows whose producer hc_post also wrote the Gram partials of its output
+# (`hc_post(..., gram=True)`: gram [T, G, n, n], G[t, b, i, j] = sum over program b's columns of
+# x_i x_j). Both norms then come from the n x n Gram matrix G of the row's streams without a pass
+# over x: the HC RMS norm from trace(G) = sum(x^2), and the sublayer's from
+# |u|^2 = sum_ij pre_i pre_j G_ij for u = sum_i pre_i x_i. So the row is read once, split over
+# D / GRAM_SLICE programs (hc_split_norm: one program, three dependent passes over 64 KB),
+# and one more program computes post and the Sinkhorn matrix. Equal to hc_split_norm up to fp32
+# order (the norms' sums are associated differently).
+
+GRAM_SLICE = 256
+
+
+@triton.jit
+def _hc_split_gram_kernel(mix_ptr, scale_ptr, base_ptr, x_ptr, gram_ptr, pre_ptr, post_ptr, m_ptr, w_ptr, h_ptr,
+                          eps, norm_eps, T, D, hw_ptr, hs_ptr, hq_ptr, N: tl.constexpr, M: tl.constexpr,
+                          S: tl.constexpr, ITERS: tl.constexpr, G: tl.constexpr, SLICE: tl.constexpr,
+                          QUANT: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_inputs(PDL)
+    row = tl.program_id(0)
+    part = tl.program_id(1)
+    row64 = row.to(tl.int64)
+    i = tl.arange(0, N)
+    ij = i[:, None] * N + i[None, :]
+    gram = tl.load(gram_ptr + row64 * G * N * N + ij)
+    for b in tl.static_range(1, G):
+        gram += tl.load(gram_ptr + (row64 * G + b) * N * N + ij)
+    k = N * D
+    trace = tl.sum(tl.sum(tl.where(i[:, None] == i[None, :], gram, 0.0), axis=1), axis=0)
+    r = 1.0 / tl.sqrt_rn(trace / k + norm_eps)
+    if part == tl.num_programs(1) - 1:
+        _post_and_comb(mix_ptr, scale_ptr, base_ptr, post_ptr, m_ptr, row, r, eps, T, N, M, S, ITERS)
+    else:
+        a = tl.load(scale_ptr) * (_load_mix(mix_ptr, row, i, T, M, S) * r) + tl.load(base_ptr + i)
+        pre = 1.0 / (1.0 + tl.exp(-a)) + eps
+        if part == 0:
+            tl.store(pre_ptr + row * N + i, pre)
+        uu = tl.sum(tl.sum(pre[:, None] * pre[None, :] * gram, axis=1), axis=0)
+        ru = 1.0 / tl.sqrt_rn(uu / D + norm_eps)
+        offs = part * SLICE + tl.arange(0, SLICE)
+        xv = tl.load(x_ptr + row64 * k + i[:, None] * D + offs[None, :])
+        y = tl.sum(pre[:, None] * xv, axis=0) * ru * tl.load(w_ptr + offs)
+        tl.store(h_ptr + row64 * D + offs, y)
+        if QUANT:
+            store_int8_act(y, hw_ptr + row64 * (D // 4) + part * (SLICE // 4),
+                           hs_ptr + row64 * (D // 32) + part * (SLICE // 32),
+                           hq_ptr + row64 * (D // 16) + part * (SLICE // 16), SLICE // 32, USE_ASM)
+
+
+def hc_split_norm_gram(mix, scale, base, n: int, iters: int, eps: float, x, norm_eps: float, weight, gram,
+                       quantize: bool = False):
+    """(h, post, m[, h's int8 form]) as hc_split_norm, from hc_post's Gram partials (above)."""
+    s, t, width = _check_mix(mix, x, scale, base)
+    assert width == (2 + n) * n and n & (n - 1) == 0, f"mix width {width} for n = {n} (power of two)"
+    d = x.shape[1] // n
+    g = gram.shape[1]
+    assert gram.dtype == torch.float32 and gram.is_contiguous() and gram.shape == (t, g, n, n), \
+        "gram: hc_post's partials [T, G, n, n]"
+    assert weight.dtype == torch.float32 and weight.shape == (d,)
+    slice_ = min(GRAM_SLICE, d)
+    assert d % slice_ == 0 and slice_ % 32 == 0, f"D = {d}: a multiple of {slice_} (and of 32)"
+    dev = mix.device
+    pre = torch.empty(t, n, dtype=torch.float32, device=dev)
+    post = torch.empty(t, n, dtype=torch.float32, device=dev)
+    m = torch.empty(t, n, n, dtype=torch.float32, device=dev)
+    h = torch.empty(t, d, dtype=torch.float32, device=dev)
+    hq = (pre, pre, pre)
+    if quantize:
+        assert d % QK_K == 0, "quantised h: D a multiple of 256"
+        hq = act_buffers(t, d, dev)
+    _hc_split_gram_kernel[(t, d // slice_ + 1)](
+        mix, scale, base, x, gram, pre, post, m, weight, h, eps, norm_eps, t, d, *hq,
+        N=n, M=width, S=s, ITERS=iters, G=g, SLICE=slice_, QUANT=quantize, USE_ASM=dev.type == "cuda",
+        **pdl.launch(), num_warps=2)
+    return (h, post, m, hq) if quantize else (h, post, m)
+
+
 # ---- the stream mixes around a sublayer (one launch each) -----------------------------
 # `hc_post(f, x, post, m, f_add=None)`: f [T, D], x [T, n, D], post [T, n], m [T, n, n] ->
 # post[t, j] f[t] + sum_i m[t, i, j] x[t, i]  [T, n, D] (model/hc.py hc_post; a torch
@@ -246,8 +332,9 @@ def hc_weighted_sum_ref(x, pre):
 
 
 @triton.jit
-def _hc_post_kernel(f_ptr, add_ptr, x_ptr, post_ptr, m_ptr, y_ptr, ss_ptr, D, N: tl.constexpr, P: tl.constexpr,
-                    HAS_ADD: tl.constexpr, BLOCK_D: tl.constexpr, SUMSQ: tl.constexpr, PDL: tl.constexpr = False):
+def _hc_post_kernel(f_ptr, add_ptr, x_ptr, post_ptr, m_ptr, y_ptr, ss_ptr, gram_ptr, D, N: tl.constexpr,
+                    P: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_D: tl.constexpr, SUMSQ: tl.constexpr,
+                    GRAM: tl.constexpr, PDL: tl.constexpr = False):
     wait_for_inputs(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -268,6 +355,11 @@ def _hc_post_kernel(f_ptr, add_ptr, x_ptr, post_ptr, m_ptr, y_ptr, ss_ptr, D, N:
         # This block's share of sum(y^2) over the whole HC row (masked lanes hold 0).
         yy = tl.where(mask[None, :], y * y, 0.0)
         tl.store(ss_ptr + t * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(yy, axis=1), axis=0))
+    if GRAM:
+        # This block's share of the n x n Gram matrix of the row's streams, sum_d y_i y_j.
+        ym = tl.where(mask[None, :], y, 0.0)
+        g = tl.sum(ym[:, None, :] * ym[None, :, :], axis=2)
+        tl.store(gram_ptr + (t * tl.num_programs(1) + tl.program_id(1)) * N * N + i[:, None] * N + i[None, :], g)
 
 
 @triton.jit
@@ -293,25 +385,29 @@ def _check_streams(x, *small):
 HC_BLOCK_D = 512
 
 
-def hc_post(f, x, post, m, f_add=None, sumsq: bool = False):
-    """y [T, n, D] (the contract above); sumsq: also (y, ss) with ss [T, D / HC_BLOCK_D] the
-    partial sums of y[t]^2 per program, which hc_split / hc_split_norm / hc_head_split take
-    (`ss=`) in place of re-reading the 16384-wide row for its RMS norm."""
+def hc_post(f, x, post, m, f_add=None, sumsq: bool = False, gram: bool = False):
+    """y [T, n, D] (the contract above), then, as a tuple with it: with sumsq, ss [T, D /
+    HC_BLOCK_D] the partial sums of y[t]^2 per program, which hc_split / hc_split_norm /
+    hc_head_split take (`ss=`) in place of re-reading the 16384-wide row for its RMS norm; with
+    gram, the per-program Gram partials [T, D / HC_BLOCK_D, n, n] of y[t]'s streams for
+    hc_split_norm_gram."""
     f = f.contiguous()
     t, n = _check_streams(x, f, post, m, *(() if f_add is None else (f_add,)))
     d = x.shape[2]
     assert f.shape[-1] == d and f.dim() in (2, 3), "f: [T, D] or partials [T, P, D]"
     y = torch.empty_like(x)
     blocks = triton.cdiv(d, HC_BLOCK_D)
-    ss = None
+    extras = []
     if sumsq:
         assert blocks & (blocks - 1) == 0, "sumsq: D / HC_BLOCK_D a power of two (the split kernel's arange)"
-        ss = torch.empty(t, blocks, dtype=torch.float32, device=x.device)
+        extras.append(torch.empty(t, blocks, dtype=torch.float32, device=x.device))
+    if gram:
+        extras.append(torch.empty(t, blocks, n, n, dtype=torch.float32, device=x.device))
     _hc_post_kernel[(t, blocks)](
-        f, f if f_add is None else f_add, x, post, m, y, ss if sumsq else y, d, N=n,
-        P=f.shape[1] if f.dim() == 3 else 1, HAS_ADD=f_add is not None, BLOCK_D=HC_BLOCK_D, SUMSQ=sumsq,
-        **pdl.launch(), num_warps=4)
-    return (y, ss) if sumsq else y
+        f, f if f_add is None else f_add, x, post, m, y, extras[0] if sumsq else y, extras[-1] if gram else y, d,
+        N=n, P=f.shape[1] if f.dim() == 3 else 1, HAS_ADD=f_add is not None, BLOCK_D=HC_BLOCK_D, SUMSQ=sumsq,
+        GRAM=gram, **pdl.launch(), num_warps=4)
+    return (y, *extras) if extras else y
 
 
 def hc_weighted_sum(x, pre):

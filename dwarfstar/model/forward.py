@@ -49,7 +49,7 @@ from dwarfstar.kernels.glue import rope as glue_rope
 from dwarfstar.kernels.glue import rope_table
 from dwarfstar.kernels.glue import swiglu as glue_swiglu
 from dwarfstar.kernels.hc import hc_head_split, hc_head_split_ref, hc_post, hc_post_ref, hc_split, hc_split_norm
-from dwarfstar.kernels.hc import hc_split_ref
+from dwarfstar.kernels.hc import hc_split_norm_gram, hc_split_ref
 from dwarfstar.kernels.hc import hc_weighted_sum, hc_weighted_sum_ref
 from dwarfstar.kernels.matvec import MAX_COLS, expert_matvec, expert_matvec_ref, matvec, matvec_ref
 from dwarfstar.kernels.matvec import cat_planar, matvec_split_k, split_planar
@@ -149,6 +149,11 @@ class Ops:
     # split takes them for its RMS norm instead of re-reading the 16384-wide row (a chain of 16
     # dependent loads in one program). Candidate: fp32 order only, not yet timed on a GPU.
     hc_sumsq: bool = False
+    # Decode: hc_post also writes per-program Gram partials of its output's n streams, and the
+    # next HC split + norm computes both RMS norms from them (kernels/hc.py hc_split_norm_gram:
+    # the row read once by D / 256 programs instead of three passes by one). Candidate: fp32
+    # order only, not yet timed on a GPU.
+    hc_gram: bool = False
 
 
 # The fp32-mat-vec set (production until the int8 set passed its gate): all three fused parts.
@@ -233,8 +238,9 @@ class ForwardModel:
         # id(x) -> (x, its int8 form) written by x's producer kernel (hc_split_norm, the glue
         # RMS norm and SwiGLU) for x's int8-activation products; emptied per block.
         self._quantized: dict[int, tuple] = {}
-        # (x, partial sums of squares of its HC rows) from the last hc_post (Ops.hc_sumsq).
-        self._sumsq: tuple | None = None
+        # (x, partial sums of squares of its HC rows, their Gram partials or None) from the last
+        # hc_post (Ops.hc_sumsq / Ops.hc_gram).
+        self._hc_partials: tuple | None = None
         for i in range(config.n_layers):
             r = config.compress_ratios[i]
             w = {f: tensors[f"blk.{i}.{g}"] for f, g in _GGUF_OF_FIELD.items() if f"blk.{i}.{g}" in tensors}
@@ -397,15 +403,19 @@ class ForwardModel:
             # The HC RMS norm folded into hc_split: the mat-vec reads the raw rows and hc_split
             # scales the mix by rsqrt(mean(rows^2) + eps) (one launch and a 64 KB pass fewer).
             mix = self.hc_mix(fn, rows)                              # [(S,) T, (2+n)n]
-            ss = self._row_sumsq(x)
+            ss, gram = self._row_partials(x)
             if self.ops.hc_split is hc_split and self.ops.glue:
                 # The weighted sum and the sublayer's RMS norm in the same launch; with int8
                 # activations also h's int8 form, which h's products then take (`quantized`).
-                if self.ops.q8_matvec is None or c.dim % QK_K:
-                    return hc_split_norm(mix, scale, base, n, c.hc_sinkhorn_iters, c.hc_eps, rows, c.norm_eps,
-                                         norm_weight, ss=ss)
-                h, post, m, hq = hc_split_norm(mix, scale, base, n, c.hc_sinkhorn_iters, c.hc_eps, rows,
-                                               c.norm_eps, norm_weight, quantize=True, ss=ss)
+                quantize = self.ops.q8_matvec is not None and c.dim % QK_K == 0
+                split = (c.hc_sinkhorn_iters, c.hc_eps, rows, c.norm_eps, norm_weight)
+                if gram is not None:
+                    out = hc_split_norm_gram(mix, scale, base, n, *split, gram, quantize=quantize)
+                else:
+                    out = hc_split_norm(mix, scale, base, n, *split, quantize=quantize, ss=ss)
+                if not quantize:
+                    return out
+                h, post, m, hq = out
                 self._quantized[id(h)] = (h, hq)
                 return h, post, m
             pre, post, m = self.ops.hc_split(mix, scale, base, n, c.hc_sinkhorn_iters, c.hc_eps, rows, c.norm_eps,
@@ -427,16 +437,17 @@ class ForwardModel:
 
     def hc_post(self, f, x, post, m, f_add=None):
         """f: the sublayer output [T, D] or its partials [T, P, D]; f_add [T, D] added to it."""
-        if self.ops.hc_sumsq and self.ops.glue and self.ops.hc_split is hc_split and x.shape[0] <= MAX_COLS:
-            y, ss = hc_post(f, x, post, m, f_add, sumsq=True)
-            self._sumsq = (y, ss)
+        partials = self.ops.hc_sumsq or self.ops.hc_gram
+        if partials and self.ops.glue and self.ops.hc_split is hc_split and x.shape[0] <= MAX_COLS:
+            y, ss, *gram = hc_post(f, x, post, m, f_add, sumsq=True, gram=self.ops.hc_gram)
+            self._hc_partials = (y, ss, gram[0] if gram else None)
             return y
         return (hc_post if self.ops.glue else hc_post_ref)(f, x, post, m, f_add)
 
-    def _row_sumsq(self, x):
-        """The partial sums of squares hc_post wrote for these HC rows, or None."""
-        last = self._sumsq
-        return last[1] if last is not None and last[0] is x else None
+    def _row_partials(self, x):
+        """(sums of squares, Gram partials or None) hc_post wrote for these HC rows, or Nones."""
+        last = self._hc_partials
+        return last[1:] if last is not None and last[0] is x else (None, None)
 
     def hc_sum(self, x, weights):
         """sum_i weights[t, i] x[t, i]: [T, n, D] -> [T, D]."""
@@ -454,7 +465,7 @@ class ForwardModel:
         if t <= MAX_COLS:
             # Sigmoid weights with the HC RMS norm folded in (as hc_pre), one launch.
             mix = self.hc_mix(self.t["output_hc_fn.weight"], rows)
-            ss = self._row_sumsq(x)
+            ss, _ = self._row_partials(x)
             if ss is not None:
                 wts = hc_head_split(mix, scale, base, c.hc_eps, rows, c.norm_eps, ss=ss)
             else:

@@ -236,3 +236,40 @@ def test_hc_sumsq_forward_matches_production(model_path, tokens, tol, logprob_er
     # layer's attention split take the partials (its rows come from the embedding).
     per_step = 2 * CONFIG.n_layers + 1
     assert len(taken) == 2 * 2 * per_step and sum(taken) == 2 * (per_step - 1), taken
+
+
+def test_hc_gram_forward_matches_production(model_path, tokens, tol, logprob_error):
+    """Ops.hc_gram (hc_post's Gram partials give the next HC split both of its RMS norms, read
+    once by several programs: kernels/hc.py hc_split_norm_gram) under the interpreter vs the
+    same Triton ops without it: fp32 order only, so the official numerics bound; and the
+    partials are really taken (every HC split but the first layer's attention split)."""
+    from dwarfstar.engine.cuda_engine import CudaEngine
+    from dwarfstar.model import forward as fw
+
+    plain = CudaEngine.load(model_path, EngineOptions(backend="cuda", ctx=64), ops=fw.TRITON_OPS).new_session()
+    ops = dataclasses.replace(fw.TRITON_OPS, hc_gram=True)
+    fast = CudaEngine.load(model_path, EngineOptions(backend="cuda", ctx=64), ops=ops).new_session()
+    plain.sync(tokens[:N_PROMPT])
+    fast.sync(tokens[:N_PROMPT])
+    calls = []
+    split_norm, split_gram = fw.hc_split_norm, fw.hc_split_norm_gram
+
+    def spy(fn, name):
+        def run(*a, **k):
+            calls.append(name)
+            return fn(*a, **k)
+        return run
+
+    fw.hc_split_norm, fw.hc_split_norm_gram = spy(split_norm, "rows"), spy(split_gram, "gram")
+    try:
+        errors = []
+        for t in tokens[N_PROMPT:N_PROMPT + 2]:
+            plain.eval(t)
+            fast.eval(t)
+            errors.append(logprob_error(plain.logits(), fast.logits()))
+    finally:
+        fw.hc_split_norm, fw.hc_split_norm_gram = split_norm, split_gram
+    assert max(errors) <= tol("official_numerics"), errors
+    # Per step: 2 splits per layer in each session; the gram form in all but the first.
+    per_step = 2 * CONFIG.n_layers
+    assert calls.count("gram") == 2 * (per_step - 1) and calls.count("rows") == 2 * per_step + 2, calls

@@ -194,3 +194,37 @@ def test_hc_post_sums_of_squares_feed_the_split(t, d):
     a = hc_head_split(head_mix, scale, base[:n], eps, rows, norm_eps, ss=ss)
     b = hc_head_split(head_mix, scale, base[:n], eps, rows, norm_eps)
     assert ((a - b).abs() / b.abs()).max().item() < 1e-6
+
+
+@pytest.mark.parametrize("t,d", [(1, 4096), (2, 512)])
+def test_hc_split_norm_from_gram_partials(t, d):
+    """hc_post(gram=True): the same y, and per-program Gram partials whose sum is y's Gram
+    matrix of streams (fp32 order, 1e-6). hc_split_norm_gram on them agrees with hc_split_norm
+    on the rows to fp32 order (1e-6 relative L2: both norms come from sums associated
+    differently), and its int8 form of h is quantize_act's of its h, bit for bit."""
+    from dwarfstar.kernels.hc import hc_post, hc_split_norm, hc_split_norm_gram
+    from dwarfstar.kernels.moe import quantize_act
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=dev).manual_seed(5 * t + d)
+    n, iters, eps, norm_eps = 4, 20, 1e-6, 1e-6
+    x = torch.randn(t, n, d, generator=g, device=dev)
+    f = torch.randn(t, d, generator=g, device=dev)
+    post = torch.rand(t, n, generator=g, device=dev) * 2
+    m = torch.rand(t, n, n, generator=g, device=dev)
+    y, ss, gram = hc_post(f, x, post, m, sumsq=True, gram=True)
+    assert torch.equal(y, hc_post(f, x, post, m))
+    want = torch.einsum("tid,tjd->tij", y.double(), y.double())
+    assert ((gram.double().sum(1) - want).abs().max() / want.abs().max()).item() < 1e-6
+    rows = y.reshape(t, -1)
+    mix = torch.randn(3, t, (2 + n) * n, generator=g, device=dev)
+    scale = torch.rand(3, generator=g, device=dev)
+    base = torch.randn((2 + n) * n, generator=g, device=dev)
+    weight = torch.rand(d, generator=g, device=dev) + 0.5
+    plain = hc_split_norm(mix, scale, base, n, iters, eps, rows, norm_eps, weight)
+    *fused, hq = hc_split_norm_gram(mix, scale, base, n, iters, eps, rows, norm_eps, weight, gram, quantize=True)
+    for a, b in zip(fused, plain):
+        assert ((a.double() - b.double()).norm() / b.double().norm()).item() < 1e-6
+    for a, b in zip(hq, quantize_act(fused[0])):
+        assert torch.equal(a, b)
+    assert torch.equal(hc_split_norm_gram(mix, scale, base, n, iters, eps, rows, norm_eps, weight, gram)[0], fused[0])
