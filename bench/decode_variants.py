@@ -32,6 +32,7 @@ VARIANTS = {
     "gathered-16x32": {"gathered": (16, 32, 128)},
     "attend-tf32x3": {"dot": "tf32x3"},
     "pdl": {"pdl": True},
+    "pdl-small": {"pdl": True, "pdl_max": 264},          # grids of at most two waves of 132 SMs
     "hc-gram+pdl": {"ops": {"hc_gram": True}, "pdl": True},
 }
 
@@ -55,7 +56,7 @@ def main() -> None:
                 engine.model.ops = dataclasses.replace(production, **v.get("ops", {}))
                 attend.GATHERED_BLOCKS = v.get("gathered", blocks)
                 attend.DOT_PRECISION = v.get("dot", dot)
-                pdl.ENABLED = v.get("pdl", False)
+                pdl.ENABLED, pdl.MAX_PROGRAMS = v.get("pdl", False), v.get("pdl_max")
                 session = engine.new_session(ctx=ctx + 64)
                 fill_state(session, ctx, gen)
                 ms = time_graph(session, args.steps)
@@ -64,7 +65,7 @@ def main() -> None:
                 del session
                 torch.cuda.empty_cache()
     engine.model.ops, attend.GATHERED_BLOCKS, attend.DOT_PRECISION = production, blocks, dot
-    pdl.ENABLED = False
+    pdl.ENABLED, pdl.MAX_PROGRAMS = False, None
     print(json.dumps({k: min(v) for k, v in res.items()}))
 
 

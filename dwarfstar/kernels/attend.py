@@ -198,11 +198,12 @@ def attend_decode(q, raw, ring_pos, kv, pos, comp, comp_idx, ratio, sinks, inv_r
     l = torch.empty_like(m)
     part = torch.empty(n_blocks, n_heads, d, dtype=torch.float32, device=q.device)
     out = torch.empty(n_heads, d, dtype=torch.float32, device=q.device)
-    _attend_partial_kernel[(n_blocks, triton.cdiv(n_heads, block_h))](
+    grid = (n_blocks, triton.cdiv(n_heads, block_h))
+    _attend_partial_kernel[grid](
         q, raw, ring_pos, kv, pos, comp if has_comp else raw, comp_idx if has_idx else ring_pos,
         m, l, part, max(ratio, 1), n_heads, w, n_rows, math.sqrt(d), D=d,
         HAS_COMP=has_comp, HAS_IDX=has_idx, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT=DOT_PRECISION, **pdl.launch(), num_warps=NUM_WARPS)
+        DOT=DOT_PRECISION, **pdl.launch(grid), num_warps=NUM_WARPS)
     combine_d = min(COMBINE_D, d)
     n_pairs = 1
     if inv_rope is not None:
@@ -214,8 +215,9 @@ def attend_decode(q, raw, ring_pos, kv, pos, comp, comp_idx, ratio, sinks, inv_r
     if quantize:
         assert combine_d % 32 == 0 and (n_heads * d) % 256 == 0, "o's int8 form: whole 32-blocks per program"
         oq = act_buffers(1, n_heads * d, q.device)
-    _attend_combine_kernel[(n_heads, d // combine_d)](
+    grid = (n_heads, d // combine_d)
+    _attend_combine_kernel[grid](
         m, l, part, sinks, out, n_heads, d, n_blocks, pos, *(inv_rope or (sinks, sinks)), *(oq or (out, out, out)),
         NB_P2=triton.next_power_of_2(n_blocks), BLOCK_D=combine_d, NP=n_pairs, ROPE=inv_rope is not None,
-        QUANT=quantize, USE_ASM=q.is_cuda, **pdl.launch(), num_warps=NUM_WARPS)
+        QUANT=quantize, USE_ASM=q.is_cuda, **pdl.launch(grid), num_warps=NUM_WARPS)
     return (out, oq) if quantize else out

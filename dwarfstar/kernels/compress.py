@@ -148,10 +148,11 @@ def compress_pool(a, z, ape, pos, kv_f, score_f, norm, cos, sin, eps: float, r: 
     one = finish and sb * triton.next_power_of_2(c) <= POOL_FINISH_TILE
     cb = triton.next_power_of_2(c) if one else block_c
     out = torch.empty(1, c, dtype=torch.float32, device=a.device)
-    _compress_pool_kernel[(triton.cdiv(c, cb),)](
+    grid = (triton.cdiv(c, cb),)
+    _compress_pool_kernel[grid](
         a, z, ape, pos, kv_f, score_f, norm if one else a, cos if one else a, sin if one else a, out,
         eps, R=r, C=c, W=w, OV=ov, NP=cos.shape[1] if one else 1, CB=cb, SB=sb, FINISH=one,
-        **pdl.launch(), num_warps=4 if sb * cb >= POOL_WIDE_TILE else 1)
+        **pdl.launch(grid), num_warps=4 if sb * cb >= POOL_WIDE_TILE else 1)
     if finish and not one:
         row = torch.empty_like(out)
         _finish(out, row, pos, r, 0, False, False, norm, cos, sin, eps, always=True)
@@ -197,10 +198,11 @@ def _finish(x, rows, pos, r, n_nope, fp8, half, norm, cos, sin, eps, always: boo
         for t in (norm, cos, sin):
             assert t.dtype == torch.float32 and t.is_contiguous()
         assert norm.shape == (c,) and 2 * cos.shape[1] <= c and sin.shape == cos.shape
-    _emit_row_kernel[(c // FP8_BLOCK,)](
+    grid = (c // FP8_BLOCK,)
+    _emit_row_kernel[grid](
         x, rows, pos, norm if has_norm else x, cos if has_norm else x, sin if has_norm else x, c, n_nope, eps,
         FP8_AMAX_FLOOR, R=r, NP=cos.shape[1] if has_norm else 1, CP=triton.next_power_of_2(c), NORM=has_norm,
-        FP8=fp8, HALF=half, ALWAYS=always, **pdl.launch(), num_warps=1)
+        FP8=fp8, HALF=half, ALWAYS=always, **pdl.launch(grid), num_warps=1)
 
 
 # ---- twins ------------------------------------------------------------------------------

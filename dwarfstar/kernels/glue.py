@@ -99,9 +99,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, quantize:
     block = min(NORM_BLOCK, triton.next_power_of_2(d))
     rows = xc.numel() // d
     yq = _act_form(rows, d, block, quantize, x.device)
-    _rms_norm_kernel[(rows,)](xc, weight if weight is not None else xc, y, d, eps, *(yq or (y, y, y)),
-                              HAS_W=weight is not None, BLOCK=block, QUANT=quantize, USE_ASM=x.is_cuda,
-                              **pdl.launch(), num_warps=4)
+    grid = (rows,)
+    _rms_norm_kernel[grid](xc, weight if weight is not None else xc, y, d, eps, *(yq or (y, y, y)),
+                           HAS_W=weight is not None, BLOCK=block, QUANT=quantize, USE_ASM=x.is_cuda,
+                           **pdl.launch(grid), num_warps=4)
     return (y, yq) if quantize else y
 
 
@@ -139,8 +140,9 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch
     r = x.numel() // max(1, t * dv)
     block_r = min(16, triton.next_power_of_2(max(r, 1)))
     if t > 0 and r > 0:
-        _rope_kernel[(t, triton.cdiv(r, block_r))](x, positions, cos, sin, r, dv, dv - 2 * n_pairs,
-                                                   NP=n_pairs, INVERSE=inverse, BLOCK_R=block_r, **pdl.launch(), num_warps=2)
+        grid = (t, triton.cdiv(r, block_r))
+        _rope_kernel[grid](x, positions, cos, sin, r, dv, dv - 2 * n_pairs,
+                           NP=n_pairs, INVERSE=inverse, BLOCK_R=block_r, **pdl.launch(grid), num_warps=2)
     return x
 
 
@@ -193,9 +195,10 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, position
     rows = xc.numel() // d
     per_token = rows // max(1, x.shape[0])
     if rows:
-        _norm_rope_kernel[(rows,)](xc, weight if weight is not None else xc, y, positions, cos, sin,
-                                   per_token, d, d - 2 * n_pairs, eps, HAS_W=weight is not None,
-                                   BLOCK=block, NP=n_pairs, **pdl.launch(), num_warps=4)
+        grid = (rows,)
+        _norm_rope_kernel[grid](xc, weight if weight is not None else xc, y, positions, cos, sin,
+                                per_token, d, d - 2 * n_pairs, eps, HAS_W=weight is not None,
+                                BLOCK=block, NP=n_pairs, **pdl.launch(grid), num_warps=4)
     return y
 
 
@@ -226,6 +229,7 @@ def swiglu(g: torch.Tensor, v: torch.Tensor, limit: float, quantize: bool = Fals
     r, f = g.shape
     block = min(NORM_BLOCK, triton.next_power_of_2(f))
     yq = _act_form(r, f, block, quantize, g.device)
-    _swiglu_kernel[(r, triton.cdiv(f, block))](g, v, y, f, float(limit), *(yq or (y, y, y)), HAS_LIMIT=limit > 0,
-                                               BLOCK=block, QUANT=quantize, USE_ASM=g.is_cuda, **pdl.launch(), num_warps=4)
+    grid = (r, triton.cdiv(f, block))
+    _swiglu_kernel[grid](g, v, y, f, float(limit), *(yq or (y, y, y)), HAS_LIMIT=limit > 0,
+                         BLOCK=block, QUANT=quantize, USE_ASM=g.is_cuda, **pdl.launch(grid), num_warps=4)
     return (y, yq) if quantize else y

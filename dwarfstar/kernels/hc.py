@@ -187,12 +187,14 @@ def _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, full, weight=Non
         assert weight is not None and d % QK_K == 0 and d % block == 0, "quantised h: D a multiple of 256"
         hq = act_buffers(t, d, dev)
     # 4 warps when the program also reads the 16384-wide row (64 KB), 1 for the n x n math.
-    _hc_split_kernel[(t,)](mix, scale, base, x if x is not None else mix, pre, post, m,
+    grid = (t,)
+    _hc_split_kernel[grid](mix, scale, base, x if x is not None else mix, pre, post, m,
                            weight if weight is not None else pre, h, eps, norm_eps, t, k, *hq,
                            ss if ss is not None else pre,
                            N=n, M=width, S=s, ITERS=iters, FULL=full, HAS_X=x is not None,
                            NORMED=weight is not None, BLOCK=block, QUANT=quantize, USE_ASM=dev.type == "cuda",
-                           NSS=0 if ss is None else ss.shape[1], **pdl.launch(), num_warps=4 if x is not None else 1)
+                           NSS=0 if ss is None else ss.shape[1], **pdl.launch(grid),
+                           num_warps=4 if x is not None else 1)
     if quantize:
         return h, post, m, hq
     return (h if weight is not None else pre), post, m
@@ -299,10 +301,11 @@ def hc_split_norm_gram(mix, scale, base, n: int, iters: int, eps: float, x, norm
     if quantize:
         assert d % QK_K == 0, "quantised h: D a multiple of 256"
         hq = act_buffers(t, d, dev)
-    _hc_split_gram_kernel[(t, d // slice_ + 1)](
+    grid = (t, d // slice_ + 1)
+    _hc_split_gram_kernel[grid](
         mix, scale, base, x, gram, pre, post, m, weight, h, eps, norm_eps, t, d, *hq,
         N=n, M=width, S=s, ITERS=iters, G=g, SLICE=slice_, QUANT=quantize, USE_ASM=dev.type == "cuda",
-        **pdl.launch(), num_warps=2)
+        **pdl.launch(grid), num_warps=2)
     return (h, post, m, hq) if quantize else (h, post, m)
 
 
@@ -403,10 +406,11 @@ def hc_post(f, x, post, m, f_add=None, sumsq: bool = False, gram: bool = False):
         extras.append(torch.empty(t, blocks, dtype=torch.float32, device=x.device))
     if gram:
         extras.append(torch.empty(t, blocks, n, n, dtype=torch.float32, device=x.device))
-    _hc_post_kernel[(t, blocks)](
+    grid = (t, blocks)
+    _hc_post_kernel[grid](
         f, f if f_add is None else f_add, x, post, m, y, extras[0] if sumsq else y, extras[-1] if gram else y, d,
         N=n, P=f.shape[1] if f.dim() == 3 else 1, HAS_ADD=f_add is not None, BLOCK_D=HC_BLOCK_D, SUMSQ=sumsq,
-        GRAM=gram, **pdl.launch(), num_warps=4)
+        GRAM=gram, **pdl.launch(grid), num_warps=4)
     return (y, *extras) if extras else y
 
 
@@ -414,5 +418,6 @@ def hc_weighted_sum(x, pre):
     t, n = _check_streams(x, pre)
     d = x.shape[2]
     y = torch.empty(t, d, dtype=x.dtype, device=x.device)
-    _hc_weighted_sum_kernel[(t, triton.cdiv(d, HC_BLOCK_D))](x, pre, y, d, N=n, BLOCK_D=HC_BLOCK_D, **pdl.launch(), num_warps=4)
+    grid = (t, triton.cdiv(d, HC_BLOCK_D))
+    _hc_weighted_sum_kernel[grid](x, pre, y, d, N=n, BLOCK_D=HC_BLOCK_D, **pdl.launch(grid), num_warps=4)
     return y

@@ -276,7 +276,7 @@ def _launch(w, ids, x, out, n_slots, cols, block_n, block_k, num_warps, splits=0
     _matvec_kernel[grid](
         p0, p1, p2, p3, ids if ids is not None else p0, x, out, n, k, split_chunk(k, splits, block_k),
         FMT=FMT[type(w)], HAS_IDS=ids is not None, B=cols, BP=triton.next_power_of_2(cols),
-        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=splits > 0, **pdl.launch(), num_warps=num_warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=splits > 0, **pdl.launch(grid), num_warps=num_warps,
     )
     return out
 

@@ -116,10 +116,11 @@ def _launch(w: PlanarQ8_0, ids, xq, out, n_slots: int, cols: int, tiling, use_as
     block_k = min(block_k, triton.next_power_of_2(k))
     if cols > 1:
         block_n = max(1, block_n // (cols // 2 or 1))
-    _q8_i8_kernel[(triton.cdiv(n, block_n), n_slots)](
+    grid = (triton.cdiv(n, block_n), n_slots)
+    _q8_i8_kernel[grid](
         w.qs.view(torch.int32), w.d, ids if ids is not None else words, words, scale, out, n, k,
         HAS_IDS=ids is not None, B=cols, BP=triton.next_power_of_2(cols), BLOCK_N=block_n, BLOCK_K=block_k,
-        USE_ASM=words.is_cuda if use_asm is None else use_asm, **pdl.launch(), num_warps=num_warps)
+        USE_ASM=words.is_cuda if use_asm is None else use_asm, **pdl.launch(grid), num_warps=num_warps)
     return out
 
 

@@ -368,8 +368,9 @@ def quantize_act(a: torch.Tensor, use_asm: bool | None = None) -> tuple[torch.Te
     words = torch.empty(r, n // 4, dtype=torch.int32, device=a.device)
     scale = torch.empty(r, n // 32, dtype=torch.float32, device=a.device)
     qsum = torch.empty(r, n // 16, dtype=torch.int32, device=a.device)
-    _quantize_act_kernel[(r, n // QK_K)](a, words, scale, qsum, n, USE_ASM=a.is_cuda if use_asm is None else use_asm,
-                                         **pdl.launch(), num_warps=2)
+    grid = (r, n // QK_K)
+    _quantize_act_kernel[grid](a, words, scale, qsum, n, USE_ASM=a.is_cuda if use_asm is None else use_asm,
+                               **pdl.launch(grid), num_warps=2)
     return words, scale, qsum
 
 
@@ -407,7 +408,7 @@ def moe_gate_up(gate: Planar, up: Planar, x: torch.Tensor, ids: torch.Tensor, we
         *_weight_args(gate), *_weight_args(up), ids, weights, *(xq or quantize_act(x, use_asm)), out, f, d,
         float(limit),
         FMT=FMT[type(gate)], K=k, HAS_LIMIT=limit > 0, USE_ASM=use_asm,
-        BLOCK_N=block_n, **pdl.launch(), num_warps=num_warps, num_stages=num_stages,
+        BLOCK_N=block_n, **pdl.launch(grid), num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
@@ -428,7 +429,7 @@ def moe_down_parts(down: Planar, mid: torch.Tensor, ids: torch.Tensor, block_n: 
     grid = (triton.cdiv(d, block_n), mid.shape[0] * k * splits)
     _moe_down_kernel[grid](
         *_weight_args(down), ids, *quantize_act(mid.reshape(-1, f), use_asm), parts, d, f,
-        FMT=FMT[type(down)], SPLITS=splits, USE_ASM=use_asm, BLOCK_N=block_n, **pdl.launch(), num_warps=num_warps,
+        FMT=FMT[type(down)], SPLITS=splits, USE_ASM=use_asm, BLOCK_N=block_n, **pdl.launch(grid), num_warps=num_warps,
         num_stages=num_stages,
     )
     return parts

@@ -5,19 +5,23 @@ Contract: a kernel with a `PDL: tl.constexpr` parameter calls `wait_for_inputs(P
 first statement (before any load or store; tests/kernels/test_pdl.py checks this), so it
 reads and writes nothing until the kernel before it in the stream has completed and its
 writes are visible (griddepcontrol.wait), and then lets its own successor launch. Its launcher
-passes `**launch()`: {"PDL": True, "launch_pdl": True} when ENABLED on a GPU that has PDL
-(sm_90 and later, not under the interpreter), else {"PDL": False} (the kernel is unchanged).
+passes `**launch(grid)`: {"PDL": True, "launch_pdl": True} when ENABLED on a GPU that has PDL
+(sm_90 and later, not under the interpreter) and the grid has at most MAX_PROGRAMS programs,
+else {"PDL": False} (the kernel is unchanged).
 Because every PDL kernel waits first, a chain of them keeps stream order: each one completes
 only after its predecessor did. Kernels without the parameter (torch's, the NVRTC expert
 kernel) launch as before.
 
 Why: on the H200 a kernel boundary inside a CUDA graph costs ~1.2 µs with plain launches and
-~0.75 µs with PDL (bench/pdl_bench.py), and a decode step has ~1,400 launches.
-Candidate: off until a GPU run times it (bench/decode_variants.py "pdl").
+~0.75 µs with PDL (bench/pdl_bench.py), and a decode step has ~1,400 launches. But a
+1,056-program kernel that waited before loading anything got slower with PDL (2.5 -> 3.0 µs):
+its early-resident programs only wait. Hence MAX_PROGRAMS. Candidate: off until a GPU run
+times it (bench/decode_variants.py "pdl", "pdl-small").
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -26,6 +30,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 ENABLED = False
+MAX_PROGRAMS: int | None = None     # None: every grid
 
 
 def _capable() -> bool:
@@ -36,9 +41,10 @@ def _capable() -> bool:
 _CAPABLE = _capable()
 
 
-def launch() -> dict:
-    """Keyword arguments for a PDL-aware kernel's launch (module contract)."""
-    return {"PDL": True, "launch_pdl": True} if ENABLED and _CAPABLE else {"PDL": False}
+def launch(grid: tuple) -> dict:
+    """Keyword arguments for a PDL-aware kernel's launch on `grid` (module contract)."""
+    on = ENABLED and _CAPABLE and (MAX_PROGRAMS is None or math.prod(grid) <= MAX_PROGRAMS)
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
 @triton.jit

@@ -108,7 +108,8 @@ def kv_round(row: torch.Tensor, n_nope: int, fp8: bool, half: bool) -> torch.Ten
     y = torch.empty_like(x)
     n = x.numel() // d
     if n:
-        _kv_round_kernel[(n, d // FP8_BLOCK)](x, y, d, n_nope, FP8_AMAX_FLOOR, FP8=fp8, HALF=half, **pdl.launch(), num_warps=1)
+        grid = (n, d // FP8_BLOCK)
+        _kv_round_kernel[grid](x, y, d, n_nope, FP8_AMAX_FLOOR, FP8=fp8, HALF=half, **pdl.launch(grid), num_warps=1)
     return y
 
 
@@ -151,8 +152,9 @@ def index_round(x: torch.Tensor, h: torch.Tensor, fp4: bool, half: bool) -> torc
     xc = x.contiguous()
     y = torch.empty_like(xc)
     n = xc.numel() // d
-    _index_round_kernel[(triton.cdiv(n, 16),)](xc, h, y, n, FP4_AMAX_FLOOR, D=d, BR=16, FP4=fp4, HALF=half,
-                                               **pdl.launch(), num_warps=4)
+    grid = (triton.cdiv(n, 16),)
+    _index_round_kernel[grid](xc, h, y, n, FP4_AMAX_FLOOR, D=d, BR=16, FP4=fp4, HALF=half,
+                              **pdl.launch(grid), num_warps=4)
     return y
 
 
@@ -202,7 +204,8 @@ def index_scores(q, wts, rows, pos, r: int, denom: float) -> torch.Tensor:
         assert t.dtype == torch.float32 and t.is_contiguous()
     assert rows.shape[1] == d and wts.numel() == n_h and d & (d - 1) == 0 and d >= 16 and pos.dtype == torch.int64
     out = torch.empty(1, cap, dtype=torch.float32, device=q.device)
-    _index_score_kernel[(triton.cdiv(cap, INDEX_SCORE_ROWS),)](q, wts, rows, pos, out, cap, n_h, denom, R=r,
-                                                               HC=INDEX_SCORE_HEADS, D=d, BC=INDEX_SCORE_ROWS,
-                                                               **pdl.launch(), num_warps=4)
+    grid = (triton.cdiv(cap, INDEX_SCORE_ROWS),)
+    _index_score_kernel[grid](q, wts, rows, pos, out, cap, n_h, denom, R=r,
+                              HC=INDEX_SCORE_HEADS, D=d, BC=INDEX_SCORE_ROWS,
+                              **pdl.launch(grid), num_warps=4)
     return out

@@ -97,10 +97,11 @@ def route(logits, token, bias, tid2eid, k: int, norm_topk: bool, route_scale: fl
         assert bias.dtype == torch.float32 and bias.is_contiguous() and bias.shape == (e,)
     ids = torch.empty(1, k, dtype=torch.int32, device=logits.device)
     wts = torch.empty(1, k, dtype=torch.float32, device=logits.device)
-    _route_kernel[(1,)](logits, token, logits if is_hash else bias, tid2eid if is_hash else token, ids, wts, e,
+    grid = (1,)
+    _route_kernel[grid](logits, token, logits if is_hash else bias, tid2eid if is_hash else token, ids, wts, e,
                         route_scale, ROUTE_SUM_FLOOR, K=k, KB=triton.next_power_of_2(k),
                         BLOCK=triton.next_power_of_2(e), HASH=is_hash, NORM=norm_topk,
-                        LIBDEVICE=logits.is_cuda, **pdl.launch(), num_warps=ROUTE_WARPS)
+                        LIBDEVICE=logits.is_cuda, **pdl.launch(grid), num_warps=ROUTE_WARPS)
     return ids, wts
 
 

@@ -95,6 +95,7 @@ def select_topk(values: torch.Tensor, k: int) -> torch.Tensor:
         return select_topk_ref(values, k)
     out = torch.empty(n_rows, k, dtype=torch.int64, device=values.device)
     block = max(16, triton.next_power_of_2(n))
-    _select_topk_kernel[(n_rows,)](values, out, n, k, BLOCK=block, EMIT=min(block, EMIT_BLOCK),
-                                   **pdl.launch(), num_warps=min(16, max(4, block // 1024)))
+    grid = (n_rows,)
+    _select_topk_kernel[grid](values, out, n, k, BLOCK=block, EMIT=min(block, EMIT_BLOCK),
+                              **pdl.launch(grid), num_warps=min(16, max(4, block // 1024)))
     return out

@@ -3,7 +3,7 @@
 PDL lets a kernel start before the one ahead of it in the stream has finished, so a kernel
 launched with it must not touch memory before `wait_for_inputs(PDL)`: here every Triton kernel
 with a PDL parameter has that call as its first statement, and every launch of it passes
-`**pdl.launch()` (so PDL and launch_pdl always agree). The decode kernels must all take part;
+`**pdl.launch(grid)` with its own grid (so PDL and launch_pdl always agree). The decode kernels must all take part;
 the prefill-only ones are listed. That the PDL=True forms compile for sm_90 is
 test_compile_sm90.py's job; what PDL saves is bench/pdl_bench.py's and decode_variants.py's.
 """
@@ -55,7 +55,8 @@ def test_every_pdl_kernel_waits_first_and_launches_through_pdl():
             assert launches, f"{fn.name}: no launch site in {path.name}"
             for call in launches:
                 spread = [ast.unparse(k.value) for k in call.keywords if k.arg is None]
-                assert spread == ["pdl.launch()"], f"{fn.name} launched without **pdl.launch() ({path.name})"
+                grid = ast.unparse(call.func.slice)
+                assert spread == [f"pdl.launch({grid})"], f"{fn.name} launched without **pdl.launch({grid}) ({path.name})"
                 assert not {"PDL", "launch_pdl"} & {k.arg for k in call.keywords}
             seen.add(fn.name)
     assert len(seen) >= 21, seen
@@ -65,14 +66,17 @@ def test_launch_is_plain_without_pdl_hardware(monkeypatch):
     """No GPU, an older one, or the interpreter: PDL stays off even when ENABLED."""
     monkeypatch.setattr(pdl, "_CAPABLE", False)
     monkeypatch.setattr(pdl, "ENABLED", True)
-    assert pdl.launch() == {"PDL": False}
+    assert pdl.launch((4, 2)) == {"PDL": False}
     monkeypatch.setattr(pdl, "ENABLED", False)
-    assert pdl.launch() == {"PDL": False}
+    assert pdl.launch((4, 2)) == {"PDL": False}
 
 
 def test_launch_on_a_capable_gpu(monkeypatch):
     monkeypatch.setattr(pdl, "_CAPABLE", True)
     monkeypatch.setattr(pdl, "ENABLED", True)
-    assert pdl.launch() == {"PDL": True, "launch_pdl": True}
+    assert pdl.launch((4, 2)) == {"PDL": True, "launch_pdl": True}
+    monkeypatch.setattr(pdl, "MAX_PROGRAMS", 8)
+    assert pdl.launch((4, 2)) == {"PDL": True, "launch_pdl": True}
+    assert pdl.launch((3, 3)) == {"PDL": False}           # 9 programs: over MAX_PROGRAMS
     monkeypatch.setattr(pdl, "ENABLED", False)
-    assert pdl.launch() == {"PDL": False}
+    assert pdl.launch((4, 2)) == {"PDL": False}
