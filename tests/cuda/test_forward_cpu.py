@@ -201,20 +201,32 @@ def test_int8_ops_products_match_their_twins_in_the_forward(tmp_path, tol, logpr
     assert max(errors) <= tol("int8_flips_tiny"), errors
 
 
-def test_hc_sumsq_forward_matches_production(model_path, tokens, tol, logprob_error):
-    """Ops.hc_sumsq (hc_post's partial sums of squares feed the next HC split and the head's)
-    under the interpreter vs the same Triton ops without it: fp32 order only, so the official
-    numerics bound; and the partials are really taken (every HC split but the first layer's)."""
+def _two_steps_against_triton_ops(model_path, tokens, logprob_error, monkeypatch, spies, **changes):
+    """TRITON_OPS with `changes` vs TRITON_OPS on the same prompt, then two decode steps with
+    `spies` ({forward.py name: wrapper of it}) installed for the steps -> top-20 errors per step."""
     from dwarfstar.engine.cuda_engine import CudaEngine
     from dwarfstar.model import forward as fw
 
     plain = CudaEngine.load(model_path, EngineOptions(backend="cuda", ctx=64), ops=fw.TRITON_OPS).new_session()
-    ops = dataclasses.replace(fw.TRITON_OPS, hc_sumsq=True)
+    ops = dataclasses.replace(fw.TRITON_OPS, **changes)
     fast = CudaEngine.load(model_path, EngineOptions(backend="cuda", ctx=64), ops=ops).new_session()
     plain.sync(tokens[:N_PROMPT])
     fast.sync(tokens[:N_PROMPT])
+    for name, wrap in spies.items():
+        monkeypatch.setattr(fw, name, wrap(getattr(fw, name)))
+    errors = []
+    for t in tokens[N_PROMPT:N_PROMPT + 2]:
+        plain.eval(t)
+        fast.eval(t)
+        errors.append(logprob_error(plain.logits(), fast.logits()))
+    return errors
+
+
+def test_hc_sumsq_forward_matches_production(model_path, tokens, tol, logprob_error, monkeypatch):
+    """Ops.hc_sumsq (hc_post's partial sums of squares feed the next HC split and the head's)
+    under the interpreter vs the same Triton ops without it: fp32 order only, so the official
+    numerics bound; and the partials are really taken (every HC split but the first layer's)."""
     taken = []
-    split_norm, head_split = fw.hc_split_norm, fw.hc_head_split
 
     def spy(fn):
         def run(*a, ss=None, **k):
@@ -222,15 +234,8 @@ def test_hc_sumsq_forward_matches_production(model_path, tokens, tol, logprob_er
             return fn(*a, ss=ss, **k)
         return run
 
-    fw.hc_split_norm, fw.hc_head_split = spy(split_norm), spy(head_split)
-    try:
-        errors = []
-        for t in tokens[N_PROMPT:N_PROMPT + 2]:
-            plain.eval(t)
-            fast.eval(t)
-            errors.append(logprob_error(plain.logits(), fast.logits()))
-    finally:
-        fw.hc_split_norm, fw.hc_head_split = split_norm, head_split
+    errors = _two_steps_against_triton_ops(model_path, tokens, logprob_error, monkeypatch,
+                                           {"hc_split_norm": spy, "hc_head_split": spy}, hc_sumsq=True)
     assert max(errors) <= tol("official_numerics"), errors
     # Per step and session: 2 splits per layer + the head's; with hc_sumsq all but the first
     # layer's attention split take the partials (its rows come from the embedding).
@@ -238,37 +243,24 @@ def test_hc_sumsq_forward_matches_production(model_path, tokens, tol, logprob_er
     assert len(taken) == 2 * 2 * per_step and sum(taken) == 2 * (per_step - 1), taken
 
 
-def test_hc_gram_forward_matches_production(model_path, tokens, tol, logprob_error):
+def test_hc_gram_forward_matches_production(model_path, tokens, tol, logprob_error, monkeypatch):
     """Ops.hc_gram (hc_post's Gram partials give the next HC split both of its RMS norms, read
     once by several programs: kernels/hc.py hc_split_norm_gram) under the interpreter vs the
     same Triton ops without it: fp32 order only, so the official numerics bound; and the
     partials are really taken (every HC split but the first layer's attention split)."""
-    from dwarfstar.engine.cuda_engine import CudaEngine
-    from dwarfstar.model import forward as fw
-
-    plain = CudaEngine.load(model_path, EngineOptions(backend="cuda", ctx=64), ops=fw.TRITON_OPS).new_session()
-    ops = dataclasses.replace(fw.TRITON_OPS, hc_gram=True)
-    fast = CudaEngine.load(model_path, EngineOptions(backend="cuda", ctx=64), ops=ops).new_session()
-    plain.sync(tokens[:N_PROMPT])
-    fast.sync(tokens[:N_PROMPT])
     calls = []
-    split_norm, split_gram = fw.hc_split_norm, fw.hc_split_norm_gram
 
-    def spy(fn, name):
-        def run(*a, **k):
-            calls.append(name)
-            return fn(*a, **k)
-        return run
+    def spy(name):
+        def wrap(fn):
+            def run(*a, **k):
+                calls.append(name)
+                return fn(*a, **k)
+            return run
+        return wrap
 
-    fw.hc_split_norm, fw.hc_split_norm_gram = spy(split_norm, "rows"), spy(split_gram, "gram")
-    try:
-        errors = []
-        for t in tokens[N_PROMPT:N_PROMPT + 2]:
-            plain.eval(t)
-            fast.eval(t)
-            errors.append(logprob_error(plain.logits(), fast.logits()))
-    finally:
-        fw.hc_split_norm, fw.hc_split_norm_gram = split_norm, split_gram
+    errors = _two_steps_against_triton_ops(model_path, tokens, logprob_error, monkeypatch,
+                                           {"hc_split_norm": spy("rows"), "hc_split_norm_gram": spy("gram")},
+                                           hc_gram=True)
     assert max(errors) <= tol("official_numerics"), errors
     # Per step: 2 splits per layer in each session; the gram form in all but the first.
     per_step = 2 * CONFIG.n_layers

@@ -162,6 +162,26 @@ def test_hc_split_norm_quantized_h_equals_the_quantiser(t, d):
     assert (hq[1][:, 0] == 0).all()
 
 
+HC_N, HC_ITERS, HC_EPS, NORM_EPS = 4, 20, 1e-6, 1e-6
+
+
+def _post_then_split_inputs(t, d, seed):
+    """Random hc_post inputs (f, x, post, m) for T rows of n = 4 streams of width d, and the
+    split's (mix partials, scale, base, weight), from one generator."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=dev).manual_seed(seed)
+    n = HC_N
+    post_in = (torch.randn(t, d, generator=g, device=dev), torch.randn(t, n, d, generator=g, device=dev),
+               torch.rand(t, n, generator=g, device=dev) * 2, torch.rand(t, n, n, generator=g, device=dev))
+    split_in = (torch.randn(3, t, (2 + n) * n, generator=g, device=dev), torch.rand(3, generator=g, device=dev),
+                torch.randn((2 + n) * n, generator=g, device=dev), torch.rand(d, generator=g, device=dev) + 0.5)
+    return post_in, split_in
+
+
+def _rel_l2(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 @pytest.mark.parametrize("t,d", [(1, 4096), (2, 1024)])
 def test_hc_post_sums_of_squares_feed_the_split(t, d):
     """hc_post(sumsq=True): the same y, and per-program partial sums of y^2 whose total is the
@@ -169,30 +189,21 @@ def test_hc_post_sums_of_squares_feed_the_split(t, d):
     instead of re-reading the row, and agree with the x-reading form to fp32 order (1e-6)."""
     from dwarfstar.kernels.hc import hc_post, hc_split_norm
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator(device=dev).manual_seed(3 * t + d)
-    n, iters, eps, norm_eps = 4, 20, 1e-6, 1e-6
-    x = torch.randn(t, n, d, generator=g, device=dev)
-    f = torch.randn(t, d, generator=g, device=dev)
-    post = torch.rand(t, n, generator=g, device=dev) * 2
-    m = torch.rand(t, n, n, generator=g, device=dev)
+    (f, x, post, m), (mix, scale, base, weight) = _post_then_split_inputs(t, d, 3 * t + d)
     y = hc_post(f, x, post, m)
     y2, ss = hc_post(f, x, post, m, sumsq=True)
     assert torch.equal(y, y2)
     want = y.double().reshape(t, -1).square().sum(1)
     assert ((ss.double().sum(1) - want).abs() / want).max().item() < 1e-6
     rows = y.reshape(t, -1)
-    mix = torch.randn(3, t, (2 + n) * n, generator=g, device=dev)
-    scale = torch.rand(3, generator=g, device=dev)
-    base = torch.randn((2 + n) * n, generator=g, device=dev)
-    weight = torch.rand(d, generator=g, device=dev) + 0.5
-    plain = hc_split_norm(mix, scale, base, n, iters, eps, rows, norm_eps, weight)
-    fused = hc_split_norm(mix, scale, base, n, iters, eps, rows, norm_eps, weight, ss=ss)
+    split = (HC_N, HC_ITERS, HC_EPS, rows, NORM_EPS, weight)
+    plain = hc_split_norm(mix, scale, base, *split)
+    fused = hc_split_norm(mix, scale, base, *split, ss=ss)
     for a, b in zip(fused, plain):
-        assert ((a.double() - b.double()).norm() / b.double().norm()).item() < 1e-6
-    head_mix = torch.randn(t, n, generator=g, device=dev)
-    a = hc_head_split(head_mix, scale, base[:n], eps, rows, norm_eps, ss=ss)
-    b = hc_head_split(head_mix, scale, base[:n], eps, rows, norm_eps)
+        assert _rel_l2(a, b) < 1e-6
+    head_mix = mix[0, :, :HC_N].contiguous()
+    a = hc_head_split(head_mix, scale, base[:HC_N], HC_EPS, rows, NORM_EPS, ss=ss)
+    b = hc_head_split(head_mix, scale, base[:HC_N], HC_EPS, rows, NORM_EPS)
     assert ((a - b).abs() / b.abs()).max().item() < 1e-6
 
 
@@ -205,26 +216,16 @@ def test_hc_split_norm_from_gram_partials(t, d):
     from dwarfstar.kernels.hc import hc_post, hc_split_norm, hc_split_norm_gram
     from dwarfstar.kernels.moe import quantize_act
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator(device=dev).manual_seed(5 * t + d)
-    n, iters, eps, norm_eps = 4, 20, 1e-6, 1e-6
-    x = torch.randn(t, n, d, generator=g, device=dev)
-    f = torch.randn(t, d, generator=g, device=dev)
-    post = torch.rand(t, n, generator=g, device=dev) * 2
-    m = torch.rand(t, n, n, generator=g, device=dev)
+    (f, x, post, m), (mix, scale, base, weight) = _post_then_split_inputs(t, d, 5 * t + d)
     y, ss, gram = hc_post(f, x, post, m, sumsq=True, gram=True)
     assert torch.equal(y, hc_post(f, x, post, m))
     want = torch.einsum("tid,tjd->tij", y.double(), y.double())
     assert ((gram.double().sum(1) - want).abs().max() / want.abs().max()).item() < 1e-6
-    rows = y.reshape(t, -1)
-    mix = torch.randn(3, t, (2 + n) * n, generator=g, device=dev)
-    scale = torch.rand(3, generator=g, device=dev)
-    base = torch.randn((2 + n) * n, generator=g, device=dev)
-    weight = torch.rand(d, generator=g, device=dev) + 0.5
-    plain = hc_split_norm(mix, scale, base, n, iters, eps, rows, norm_eps, weight)
-    *fused, hq = hc_split_norm_gram(mix, scale, base, n, iters, eps, rows, norm_eps, weight, gram, quantize=True)
+    split = (HC_N, HC_ITERS, HC_EPS, y.reshape(t, -1), NORM_EPS, weight)
+    plain = hc_split_norm(mix, scale, base, *split)
+    *fused, hq = hc_split_norm_gram(mix, scale, base, *split, gram, quantize=True)
     for a, b in zip(fused, plain):
-        assert ((a.double() - b.double()).norm() / b.double().norm()).item() < 1e-6
+        assert _rel_l2(a, b) < 1e-6
     for a, b in zip(hq, quantize_act(fused[0])):
         assert torch.equal(a, b)
-    assert torch.equal(hc_split_norm_gram(mix, scale, base, n, iters, eps, rows, norm_eps, weight, gram)[0], fused[0])
+    assert torch.equal(hc_split_norm_gram(mix, scale, base, *split, gram)[0], fused[0])
