@@ -68,7 +68,8 @@ def _rope_block(y, c0, p0, cos_ptr, sin_ptr, C, NP: tl.constexpr, B: tl.constexp
 @triton.jit
 def _compress_pool_kernel(a_ptr, z_ptr, ape_ptr, pos_ptr, kv_ptr, sc_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr,
                           eps, R: tl.constexpr, C: tl.constexpr, W: tl.constexpr, OV: tl.constexpr,
-                          NP: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, FINISH: tl.constexpr, PDL: tl.constexpr = False):
+                          NP: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, FINISH: tl.constexpr,
+                          PDL: tl.constexpr = False):
     wait_for_inputs(PDL)
     pos = tl.load(pos_ptr)
     ph = (pos % R).to(tl.int32)

@@ -138,7 +138,8 @@ def _post_and_comb(mix_ptr, scale_ptr, base_ptr, post_ptr, m_ptr, row, r, eps, T
 def _hc_split_kernel(mix_ptr, scale_ptr, base_ptr, x_ptr, pre_ptr, post_ptr, m_ptr, w_ptr, h_ptr, eps, norm_eps,
                      T, K, hw_ptr, hs_ptr, hq_ptr, ss_ptr, N: tl.constexpr, M: tl.constexpr, S: tl.constexpr,
                      ITERS: tl.constexpr, FULL: tl.constexpr, HAS_X: tl.constexpr, NORMED: tl.constexpr,
-                     BLOCK: tl.constexpr, QUANT: tl.constexpr, USE_ASM: tl.constexpr, NSS: tl.constexpr, PDL: tl.constexpr = False):
+                     BLOCK: tl.constexpr, QUANT: tl.constexpr, USE_ASM: tl.constexpr, NSS: tl.constexpr,
+                     PDL: tl.constexpr = False):
     wait_for_inputs(PDL)
     row = tl.program_id(0)
     r = _row_scale(x_ptr, row, norm_eps, K, ss_ptr, HAS_X, BLOCK, NSS)
@@ -366,7 +367,8 @@ def _hc_post_kernel(f_ptr, add_ptr, x_ptr, post_ptr, m_ptr, y_ptr, ss_ptr, gram_
 
 
 @triton.jit
-def _hc_weighted_sum_kernel(x_ptr, pre_ptr, y_ptr, D, N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+def _hc_weighted_sum_kernel(x_ptr, pre_ptr, y_ptr, D, N: tl.constexpr, BLOCK_D: tl.constexpr,
+                            PDL: tl.constexpr = False):
     wait_for_inputs(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)

@@ -90,7 +90,8 @@ def _round_kv_block(v, blk, N_NOPE, amax_floor, FP8: tl.constexpr, HALF: tl.cons
 
 
 @triton.jit
-def _kv_round_kernel(x_ptr, y_ptr, D, N_NOPE, amax_floor, FP8: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr = False):
+def _kv_round_kernel(x_ptr, y_ptr, D, N_NOPE, amax_floor, FP8: tl.constexpr, HALF: tl.constexpr,
+                     PDL: tl.constexpr = False):
     wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)

@@ -8,9 +8,10 @@ Contract:
   weights (kernels/repack.py) for every matrix and to float tensors for vectors (F32, the
   compressor `ape`), int64 for `tid2eid`, fp16 for `token_embd`; all on one device.
   `ops` = `PRODUCTION_OPS` (= `TRITON_INT8_OPS`), `TRITON_OPS` (fp32 mat-vecs, the A/B base) or
-  `TWIN_OPS` (the kernels' PyTorch twins: the same forward on a CPU, a diagnostic switch for tests). Matrices multiplying the same input
-  (`ForwardModel.SHARED_INPUT`) are concatenated at load; their entries in `tensors` are
-  replaced by row views of the merged weight (same values, no second copy).
+  `TWIN_OPS` (the kernels' PyTorch twins: the same forward on a CPU, a diagnostic switch for
+  tests). Matrices multiplying the same input (`ForwardModel.SHARED_INPUT`) are concatenated
+  at load; their entries in `tensors` are replaced by row views of the merged weight (same
+  values, no second copy).
 - `model.step(state)` is one decode token: reads `state.token`, `state.pos`, writes the
   layer state, `state.logits`, advances `pos` and `ring_pos`. It does no host sync, no
   host-to-device copy and has no data-dependent shapes, so it can be captured in a CUDA
