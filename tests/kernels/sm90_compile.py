@@ -3,8 +3,8 @@
 The CPU interpreter runs Triton kernels without compiling them, so it misses what only the
 compiler rejects (a non-constexpr global read in a kernel, an op with no lowering, a layout
 the backend refuses). This compiles, through Triton's own ptxas for an H100/H200 target:
-- the kernels listed in `cases()` at the Flash-shape settings production and the int8 candidate
-  use (the kernels changed for the int8 path);
+- the kernels listed in `cases()` at the Flash-shape settings production and the candidates use
+  (the kernels changed for the int8 path, the HC split from Gram partials);
 - with argv[1] (JSON from record_launches.py), every specialisation a tiny decode step and
   prefill launched under the interpreter, production and int8 ops, PDL-aware kernels also in
   their PDL form (kernels/pdl.py).

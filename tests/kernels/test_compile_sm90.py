@@ -1,9 +1,10 @@
 """The decode kernels compile for sm_90 (H100/H200) on this machine, without a GPU.
 
 The interpreter tests check what the kernels compute; this checks that Triton's compiler and
-its bundled ptxas accept them (tests/kernels/sm90_compile.py): the int8-path kernels at their
-Flash settings, and every specialisation a tiny decode step and prefill launch under the
-interpreter (record_launches.py), production and int8 ops. So a compile-only error surfaces in CI
+its bundled ptxas accept them (tests/kernels/sm90_compile.py): the int8-path and HC kernels at
+their Flash settings, and every specialisation a tiny decode step and prefill launch under the
+interpreter (record_launches.py), with the fp32-mat-vec and the production ops, PDL-aware
+kernels also in their PDL form. So a compile-only error surfaces in CI
 rather than on the device. Subprocesses: recording needs TRITON_INTERPRET=1, compiling needs it
 unset (the kernel tests' conftest sets it in this process)."""
 
