@@ -33,17 +33,22 @@ ENABLED = False
 MAX_PROGRAMS: int | None = None     # None: every grid
 
 
+# Whether this process launches on a GPU with PDL; asked on the first launch with ENABLED (not
+# at import: the device query would initialise CUDA in every process that imports the kernels).
+_CAPABLE: bool | None = None
+
+
 def _capable() -> bool:
-    return (os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.cuda.is_available()
-            and torch.cuda.get_device_capability() >= (9, 0))
-
-
-_CAPABLE = _capable()
+    global _CAPABLE
+    if _CAPABLE is None:
+        _CAPABLE = (os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.cuda.is_available()
+                    and torch.cuda.get_device_capability() >= (9, 0))
+    return _CAPABLE
 
 
 def launch(grid: tuple) -> dict:
     """Keyword arguments for a PDL-aware kernel's launch on `grid` (module contract)."""
-    on = ENABLED and _CAPABLE and (MAX_PROGRAMS is None or math.prod(grid) <= MAX_PROGRAMS)
+    on = ENABLED and _capable() and (MAX_PROGRAMS is None or math.prod(grid) <= MAX_PROGRAMS)
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
