@@ -339,8 +339,10 @@ class ForwardModel:
 
     def _int8_act(self, w: Planar) -> bool:
         """Whether this weight's products take int8 activations (Ops.q8_matvec). The Triton forms
-        quantise whole 256-input super-blocks (kernels/moe.quantize_act): K % 256 == 0, as on Flash."""
-        return self.ops.q8_matvec is not None and isinstance(w, PlanarQ8_0)
+        quantise whole 256-input super-blocks (kernels/moe.quantize_act): K % 256 == 0, as every
+        Q8_0 product of Flash; other K (tiny test models) keep the fp32 mat-vec, as the
+        reference's `matvec_input` does."""
+        return self.ops.q8_matvec is not None and isinstance(w, PlanarQ8_0) and w.shape[-1] % QK_K == 0
 
     def proj(self, w: Planar, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] @ W^T -> [T, N]: mat-vec kernel for decode, dequantise + matmul for chunks."""

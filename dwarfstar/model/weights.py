@@ -27,7 +27,7 @@ import torch
 
 from dwarfstar.gguf import names
 from dwarfstar.model.numerics import int8_round
-from dwarfstar.shape import ModelConfig
+from dwarfstar.shape import QK_K, ModelConfig
 
 # Elements above which a GGUF tensor is dequantised per use instead of cached.
 CACHE_LIMIT = 1 << 24
@@ -76,7 +76,9 @@ class Weights:
 
     def matvec_input(self, x: torch.Tensor, name: str, numerics) -> torch.Tensor:
         """See LayerWeights.matvec_input."""
-        if numerics.int8_act and self.ggml_type(name) == _Q8_0:
+        # As the CUDA engine: only where the weight's rows are whole 256-input super-blocks (every
+        # Q8_0 product of Flash; the grouped out-a's rows are one group's inputs).
+        if numerics.int8_act and self.ggml_type(name) == _Q8_0 and self.shape(name)[-1] % QK_K == 0:
             return int8_round(x)
         return x
 

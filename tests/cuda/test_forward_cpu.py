@@ -265,3 +265,32 @@ def test_hc_gram_forward_matches_production(model_path, tokens, tol, logprob_err
     # Per step: 2 splits per layer in each session; the gram form in all but the first.
     per_step = 2 * CONFIG.n_layers
     assert calls.count("gram") == 2 * (per_step - 1) and calls.count("rows") == 2 * per_step + 2, calls
+
+
+def test_int8_ops_keep_fp32_matvecs_where_k_is_not_whole_super_blocks(model_path, tokens, tol, logprob_error):
+    """Production (TRITON_INT8_OPS) on a tiny model whose Q8_0 input widths are not all multiples
+    of 256 (the quantiser's super-block): those products keep the fp32 mat-vec, the others take
+    int8, and the reference's `matvec_input` makes the same choice, so the decode step runs and
+    agrees with the int8-dense twins (the loose int8 end-to-end guard, see above)."""
+    from dwarfstar.engine.cuda_engine import CudaEngine
+    from dwarfstar.kernels.repack import PlanarQ8_0
+    from dwarfstar.model import forward as fw
+    from dwarfstar.model.numerics import Numerics
+    from dwarfstar.model.planar_weights import planar_weights
+
+    fast = CudaEngine.load(model_path, EngineOptions(backend="cuda", ctx=64), ops=fw.TRITON_INT8_OPS)
+    widths = {name: w.shape[-1] for name, w in fast.model.t.items() if isinstance(w, PlanarQ8_0)}
+    assert {k % 256 == 0 for k in widths.values()} == {True, False}, widths     # both kinds present
+    reference = planar_weights(fast.config, fast.model.t)
+    numerics = dataclasses.replace(Numerics.of("official"), int8_act=True)
+    for name, k in widths.items():
+        assert fast.model._int8_act(fast.model.t[name]) == (k % 256 == 0), name
+        x = torch.randn(2, k, generator=torch.Generator().manual_seed(k))
+        assert torch.equal(reference.matvec_input(x, name, numerics), x) == (k % 256 != 0), name
+    twin = CudaEngine.load(model_path, EngineOptions(backend="cuda", ctx=64), ops=fw.TWIN_INT8_DENSE_OPS)
+    a, b = fast.new_session(), twin.new_session()
+    a.sync(tokens[:3])
+    b.sync(tokens[:3])
+    a.eval(tokens[3])
+    b.eval(tokens[3])
+    assert logprob_error(b.logits(), a.logits()) <= tol("int8_flips_tiny")

@@ -68,13 +68,15 @@ def test_full_size_test_pipeline_on_tiny_dummy_weights(tol, logprob_error, singl
     planar layouts (no GGUF), the forward on its int8 twins (the kernels' numerics; dense: also
     the Q8_0 products', TRITON_INT8_OPS) vs the reference on the same tensors with the same
     int8-rounded inputs. Only fp32-vs-float64 order differs, so the "official_numerics" bound
-    (one FP8/int8 code may move) and no greedy flip."""
-    tensors = dummy_tensors(CONFIG, "cpu", "q2", progress=False)
+    (one FP8/int8 code may move) and no greedy flip. Dense: every Q8_0 input width a multiple of
+    256, as on Flash (narrower ones keep the fp32 mat-vec on both sides)."""
+    config = dataclasses.replace(CONFIG, q_lora_rank=256, o_lora_rank=128) if dense else CONFIG
+    tensors = dummy_tensors(config, "cpu", "q2", progress=False)
     ops = TWIN_INT8_DENSE_OPS if dense else TWIN_INT8_OPS
-    session = CudaSession(ForwardModel(CONFIG, tensors, "official", ops), 64, use_graph=False)
-    reference = ReferenceModel(planar_weights(CONFIG, tensors))
+    session = CudaSession(ForwardModel(config, tensors, "official", ops), 64, use_graph=False)
+    reference = ReferenceModel(planar_weights(config, tensors))
     oracle, plain = (ReferenceRun(reference, 64, int8, device="cpu", dense=dense) for int8 in (True, False))
-    prompt = torch.randint(0, CONFIG.vocab_size, (N_PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
+    prompt = torch.randint(0, config.vocab_size, (N_PROMPT,), generator=torch.Generator().manual_seed(5)).tolist()
     a = greedy_agreement(session, oracle, plain, prompt, 4, tol("official_numerics"), logprob_error)
     assert not a.over and max(a.errors) <= tol("official_numerics"), a.summary()
 
