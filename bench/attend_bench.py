@@ -5,8 +5,9 @@ only), ratio 4 with the indexer's 512 rows, ratio 128 at 2K and 32K context.
 Kernel times are CUDA-graph replays (20 calls per graph), so launch costs are the device's only.
 `--precision ieee tf32x3` repeats the sweep per tl.dot precision (attend.DOT_PRECISION) and prints
 each setting's largest relative error against the float64 twin, so a faster precision shows
-what it costs in accuracy (the GPU tests hold the kernel to 1e-5).
-Usage: PYTHONPATH=.:bench python3 bench/attend_bench.py [--precision ieee tf32x3]
+what it costs in accuracy (the GPU tests hold the kernel to 1e-5). `--blocks BN BH BD WARPS`
+times that one tiling instead of the sweep (e.g. production's, per precision, in seconds).
+Usage: PYTHONPATH=.:bench python3 bench/attend_bench.py [--precision ieee tf32x3] [--blocks 16 16 128 4]
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ def max_rel_error(cases: dict) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--precision", nargs="+", default=["ieee"], help="tl.dot precisions to sweep")
+    p.add_argument("--blocks", type=int, nargs=4, default=None, metavar=("BN", "BH", "BD", "WARPS"),
+                   help="one tiling instead of the sweep")
     args = p.parse_args()
+    tilings = [tuple(args.blocks)] if args.blocks else list(itertools.product((16, 32), (16, 32), (128, D), (4, 8)))
     gen = torch.Generator().manual_seed(0)
     cases = {"r0": case(2048, 0, 0, None, gen), "r4 k512 @2K": case(2048, 4, 512, 512, gen),
              "r4 k512 @32K": case(32768, 4, 8192, 512, gen), "r128 @2K": case(2048, 128, 16, None, gen),
@@ -69,7 +73,7 @@ def main() -> None:
     print("twin:", {n: round(triton.testing.do_bench(lambda c=c: attend.attend_decode_ref(**c)) * 1e3, 1)
                     for n, c in cases.items()})
     best = None
-    for dot, bn, bh, bd, nw in itertools.product(args.precision, (16, 32), (16, 32), (128, D), (4, 8)):
+    for dot, (bn, bh, bd, nw) in itertools.product(args.precision, tilings):
         attend.BLOCK_N, attend.BLOCK_H, attend.BLOCK_D, attend.NUM_WARPS = bn, bh, bd, nw
         attend.GATHERED_BLOCKS, attend.DOT_PRECISION = (bn, bh, bd), dot
         try:
