@@ -154,6 +154,10 @@ def _hc_split_kernel(mix_ptr, scale_ptr, base_ptr, x_ptr, pre_ptr, post_ptr, m_p
         _post_and_comb(mix_ptr, scale_ptr, base_ptr, post_ptr, m_ptr, row, r, eps, T, N, M, S, ITERS)
 
 
+def _check_width(width: int, n: int) -> None:
+    assert width == (2 + n) * n and n & (n - 1) == 0, f"mix width {width} for n = {n} (power of two)"
+
+
 def _check_mix(mix, x, scale, base):
     assert mix.dim() in (2, 3), "mix: [T, M] or split-K partials [S, T, M]"
     s = mix.shape[0] if mix.dim() == 3 else 1
@@ -203,7 +207,7 @@ def _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, full, weight=Non
 
 def hc_split(mix, scale, base, n: int, iters: int, eps: float, x=None, norm_eps: float = 0.0, ss=None):
     width = mix.shape[-1]
-    assert width == (2 + n) * n and n & (n - 1) == 0, f"mix width {width} for n = {n} (power of two)"
+    _check_width(width, n)
     return _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, True, ss=ss)
 
 
@@ -215,7 +219,7 @@ def hc_split_norm(mix, scale, base, n: int, iters: int, eps: float, x, norm_eps:
     h's int8 form, `quantize_act(h)` (kernels/moe.py), as a fourth result (D % 256 == 0),
     for the int8-activation products that read h (no quantiser launch of their own)."""
     width = mix.shape[-1]
-    assert width == (2 + n) * n and n & (n - 1) == 0, f"mix width {width} for n = {n} (power of two)"
+    _check_width(width, n)
     return _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, True, weight, quantize, ss)
 
 
@@ -285,7 +289,7 @@ def hc_split_norm_gram(mix, scale, base, n: int, iters: int, eps: float, x, norm
                        quantize: bool = False):
     """(h, post, m[, h's int8 form]) as hc_split_norm, from hc_post's Gram partials (above)."""
     s, t, width = _check_mix(mix, x, scale, base)
-    assert width == (2 + n) * n and n & (n - 1) == 0, f"mix width {width} for n = {n} (power of two)"
+    _check_width(width, n)
     d = x.shape[1] // n
     g = gram.shape[1]
     assert gram.dtype == torch.float32 and gram.is_contiguous() and gram.shape == (t, g, n, n), \
@@ -355,15 +359,19 @@ def _hc_post_kernel(f_ptr, add_ptr, x_ptr, post_ptr, m_ptr, y_ptr, ss_ptr, gram_
     post = tl.load(post_ptr + t * N + i)
     y = post[:, None] * f[None, :] + mixed
     tl.store(y_ptr + (t * N + i[:, None]) * D + offs[None, :], y, mask=mask[None, :])
-    if SUMSQ:
-        # This block's share of sum(y^2) over the whole HC row (masked lanes hold 0).
-        yy = tl.where(mask[None, :], y * y, 0.0)
-        tl.store(ss_ptr + t * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(yy, axis=1), axis=0))
+    part = t * tl.num_programs(1) + tl.program_id(1)
     if GRAM:
         # This block's share of the n x n Gram matrix of the row's streams, sum_d y_i y_j.
         ym = tl.where(mask[None, :], y, 0.0)
         g = tl.sum(ym[:, None, :] * ym[None, :, :], axis=2)
-        tl.store(gram_ptr + (t * tl.num_programs(1) + tl.program_id(1)) * N * N + i[:, None] * N + i[None, :], g)
+        tl.store(gram_ptr + part * N * N + i[:, None] * N + i[None, :], g)
+        if SUMSQ:
+            # sum(y^2) over the block is the Gram partial's trace.
+            tl.store(ss_ptr + part, tl.sum(tl.sum(tl.where(i[:, None] == i[None, :], g, 0.0), axis=1), axis=0))
+    elif SUMSQ:
+        # This block's share of sum(y^2) over the whole HC row (masked lanes hold 0).
+        yy = tl.where(mask[None, :], y * y, 0.0)
+        tl.store(ss_ptr + part, tl.sum(tl.sum(yy, axis=1), axis=0))
 
 
 @triton.jit

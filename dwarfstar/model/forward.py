@@ -334,8 +334,9 @@ class ForwardModel:
 
     def _writes_int8(self, y_rows: int, width: int, consumer: Planar) -> bool:
         """Whether a glue producer of a decode activation [y_rows, width] should also write its
-        int8 form: the consumer takes int8 activations and the rows are whole super-blocks."""
-        return self.ops.glue and y_rows <= MAX_COLS and width % QK_K == 0 and self._int8_act(consumer)
+        int8 form: the consumer takes int8 activations (so its rows, and width, are whole
+        super-blocks)."""
+        return self.ops.glue and y_rows <= MAX_COLS and self._int8_act(consumer)
 
     def _int8_act(self, w: Planar) -> bool:
         """Whether this weight's products take int8 activations (Ops.q8_matvec). The Triton forms

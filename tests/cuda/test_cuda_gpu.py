@@ -183,14 +183,14 @@ def test_fused_part_matches_reference(engine, reference, tol, logprob_error, par
         _check_greedy(engine, reference, tol, logprob_error)
 
 
-def _check_greedy(engine, reference, tol, logprob_error, dense=False):
+def _check_greedy(engine, reference, tol, logprob_error):
     bound = tol("int8_official")
     ref_state = _new_ref_state(reference, engine.options.ctx)
     plain_state = _new_ref_state(reference, engine.options.ctx)
     session = engine.new_session()
     prompt = _prompt(N_PROMPT)
     session.sync(prompt)
-    ref = _ref_logits(reference, ref_state, prompt, dense=dense)
+    ref = _ref_logits(reference, ref_state, prompt)
     plain = _ref_logits(reference, plain_state, prompt, int8=False)
     errors = [logprob_error(ref, session.logits())]
     plain_errors = [logprob_error(plain, session.logits())]
@@ -205,7 +205,7 @@ def _check_greedy(engine, reference, tol, logprob_error, dense=False):
             greedy_flips.append((step, token, int(ref.argmax()), round((top2[0] - top2[1]).item(), 4)))
         session.eval(token)
         int8_oracle.ROUTE_GAPS.clear()
-        ref = _ref_logits(reference, ref_state, [token], dense=dense)
+        ref = _ref_logits(reference, ref_state, [token])
         gaps.append(min(int8_oracle.ROUTE_GAPS, default=math.inf))
         plain = _ref_logits(reference, plain_state, [token], int8=False)
         errors.append(logprob_error(ref, session.logits()))
