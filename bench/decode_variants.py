@@ -1,11 +1,11 @@
 """Decode step time of switchable variants on one set of dummy weights (A/B in one process).
 
-A variant is a set of overrides: `ops` fields of the ForwardModel (fp32 mat-vecs instead of
-production's int8-activation Q8_0 products, hc_post's sums of squares or Gram partials), decode attention's block
-shape for gathered rows or its tl.dot precision, and programmatic dependent launch
-(kernels/pdl.py). Speed only: accuracy is the GPU tests' job. A fresh session is captured per
-variant and timed as in cuda_decode_bench (graph replay, median of --steps), interleaved over
---rounds so drift hits all variants alike.
+A variant is a set of overrides of production: `ops` fields of the ForwardModel (fp32 mat-vecs
+instead of the int8-activation Q8_0 products, the HC norms without hc_post's Gram partials),
+decode attention's block shape for gathered rows or its tl.dot precision, and programmatic
+dependent launch (kernels/pdl.py) off or only for small grids. Speed only: accuracy is the GPU
+tests' job. A fresh session is captured per variant and timed as in cuda_decode_bench (graph
+replay, median of --steps), interleaved over --rounds so drift hits all variants alike.
 
 Usage: PYTHONPATH=.:bench python3 bench/decode_variants.py [--layers 43] [--ctx 2048] [--only base ...]
 """
@@ -27,13 +27,11 @@ FP32 = {"q8_matvec": None, "q8_expert_matvec": None, "q8_gemm": None}     # TRIT
 VARIANTS = {
     "base": {},
     "fp32-dense": {"ops": FP32},
-    "hc-sumsq": {"ops": {"hc_sumsq": True}},
-    "hc-gram": {"ops": {"hc_gram": True}},
+    "no-gram": {"ops": {"hc_gram": False}},
     "gathered-16x32": {"gathered": (16, 32, 128)},
-    "attend-tf32x3": {"dot": "tf32x3"},
-    "pdl": {"pdl": True},
-    "pdl-small": {"pdl": True, "pdl_max": 264},          # grids of at most two waves of 132 SMs
-    "hc-gram+pdl": {"ops": {"hc_gram": True}, "pdl": True},
+    "attend-ieee": {"dot": "ieee"},
+    "no-pdl": {"pdl": False},
+    "pdl-small": {"pdl_max": 264},          # grids of at most two waves of 132 SMs
 }
 
 
@@ -47,6 +45,7 @@ def main() -> None:
     args = p.parse_args()
     engine = CudaEngine.dummy(flash_config(args.layers), EngineOptions(backend="cuda"))
     production, blocks, dot = engine.model.ops, attend.GATHERED_BLOCKS, attend.DOT_PRECISION
+    pdl_on, pdl_max = pdl.ENABLED, pdl.MAX_PROGRAMS
     gen = torch.Generator(device="cuda").manual_seed(0)
     res: dict = {}
     for ctx in args.ctx:
@@ -56,7 +55,7 @@ def main() -> None:
                 engine.model.ops = dataclasses.replace(production, **v.get("ops", {}))
                 attend.GATHERED_BLOCKS = v.get("gathered", blocks)
                 attend.DOT_PRECISION = v.get("dot", dot)
-                pdl.ENABLED, pdl.MAX_PROGRAMS = v.get("pdl", False), v.get("pdl_max")
+                pdl.ENABLED, pdl.MAX_PROGRAMS = v.get("pdl", pdl_on), v.get("pdl_max", pdl_max)
                 session = engine.new_session(ctx=ctx + 64)
                 fill_state(session, ctx, gen)
                 ms = time_graph(session, args.steps)
@@ -65,7 +64,7 @@ def main() -> None:
                 del session
                 torch.cuda.empty_cache()
     engine.model.ops, attend.GATHERED_BLOCKS, attend.DOT_PRECISION = production, blocks, dot
-    pdl.ENABLED, pdl.MAX_PROGRAMS = False, None
+    pdl.ENABLED, pdl.MAX_PROGRAMS = pdl_on, pdl_max
     print(json.dumps({k: min(v) for k, v in res.items()}))
 
 

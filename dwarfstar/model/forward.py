@@ -152,8 +152,8 @@ class Ops:
     hc_sumsq: bool = False
     # Decode: hc_post also writes per-program Gram partials of its output's n streams, and the
     # next HC split + norm computes both RMS norms from them (kernels/hc.py hc_split_norm_gram:
-    # the row read once by D / 256 programs instead of three passes by one). Candidate: fp32
-    # order only, not yet timed on a GPU.
+    # the row read once by D / 256 programs instead of three passes by one). fp32 order only;
+    # production: 7.70 -> 7.43 ms per 2K step on the H200 (bench/decode_variants.py, docs/PERF.md).
     hc_gram: bool = False
 
 
@@ -165,11 +165,12 @@ class Ops:
 TRITON_OPS = Ops(matvec, expert_matvec, hc_split, _experts_int8(moe_gate_up, moe_down_parts), True, True,
                  frozenset({"compress", "route", "index"}))
 # Production: the Q8_0 products with int8 activations (ds4's decode rounding point), in decode
-# and in chunks (kernels/prefill_q8.py on the same codes, so the two compute one function). On
-# the H200: 8.71 -> 7.75 ms per 2K step; 16K prefill 3,290 tok/s. Its GPU gate holds it as close
-# to the float64 int8 oracle as the float32 oracle is (tests/cuda/test_cuda_gpu.py, docs/PERF.md).
+# and in chunks (kernels/prefill_q8.py on the same codes, so the two compute one function), and
+# the HC norms from hc_post's Gram partials. On the H200: 8.71 -> 7.75 ms per 2K step for the
+# int8 products, 16K prefill 3,290 tok/s. Its GPU gate holds it as close to the float64 int8
+# oracle as the float32 oracle is (tests/cuda/test_cuda_gpu.py, docs/PERF.md).
 TRITON_INT8_OPS = dataclasses.replace(TRITON_OPS, q8_matvec=_q8_dense, q8_expert_matvec=_q8_grouped,
-                                      q8_gemm=_q8_chunk)
+                                      q8_gemm=_q8_chunk, hc_gram=True)
 PRODUCTION_OPS = TRITON_INT8_OPS
 TWIN_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False)
 # Twins of the mat-vecs with the Triton glue (CPU interpreter checks of the glue wiring).
