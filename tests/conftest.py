@@ -61,15 +61,22 @@ TOLERANCES = {
     "discrete_flips_full": (4, "greedy choices of 32 allowed to differ from the oracle's beyond a near-tie "
                             "in the full-size test (test_cuda_full.py, 43 layers, routing pinned): "
                             "measured 2 on the H200 (top-2 gaps 0.087 and 0.165)"),
-    "full_size_vs_rounding": (2.0, "full-size test: the CUDA path's top-20 distance to the int8 oracle "
-                              "(mean and max over the 33 steps) relative to the oracle's own distance "
-                              "to the plain reference on the same tokens. The random 43-layer model "
-                              "amplifies any perturbation: fp32 order and ulp-level FP8/int8 code flips "
-                              "(the CUDA path) like the int8 rounding itself (the oracle vs plain); H200 "
-                              "with routing pinned, production (int8 for every Q8_0 input): CUDA vs "
-                              "oracle mean 0.179 / max 0.513, oracle vs plain 0.151 / 0.273 (ratios 1.2 / "
-                              "1.9; fp32 mat-vecs before: 1.1 / 1.0); one step from the oracle's own "
-                              "state is held to int8_floor_ratio instead"),
+    "full_size_vs_rounding": (2.0, "full-size test: the CUDA path's mean top-20 distance to the int8 oracle "
+                              "over the 33 steps relative to the oracle's own mean distance to the plain "
+                              "reference on the same tokens. The random 43-layer model amplifies any "
+                              "perturbation: fp32 order and ulp-level FP8/int8 code flips (the CUDA path) "
+                              "like the int8 rounding itself (the oracle vs plain); H200, routing pinned: "
+                              "mean ratio 1.2 with int8 for every Q8_0 input (fp32 mat-vecs before: 1.1), "
+                              "1.16 with the HC Gram partials, PDL and tf32x3 attention dots; one step "
+                              "from the oracle's own state is held to int8_floor_ratio instead"),
+    "full_size_max_vs_rounding": (3.0, "the same for the largest single step of the 33 against the oracle's "
+                                  "largest: a max of a chaotic walk, so it moves with fp32 order alone. "
+                                  "H200, variants that differ only in summation order: 0.513 / 0.273 = 1.9 "
+                                  "(int8 products), 0.556 / 0.273 = 2.0 (+ Gram partials, PDL, tf32x3 "
+                                  "attention), 0.680 / 0.273 = 2.5 (the same with ieee attention dots), "
+                                  "while the float64-anchored one-step test of the same build measured "
+                                  "0.62 of its float32 floor. 3 keeps the check for a step gone wrong "
+                                  "(a real fault moves a step by whole log-probability units)"),
     # Oracle for the entries above: the reference with the routed experts' inputs rounded
     # as the kernels round them (int8_oracle.py), so only fp32 order differs from it.
     "int8_experts_vs_plain": (0.5, "distance to the reference WITHOUT the int8 rounding of the routed "

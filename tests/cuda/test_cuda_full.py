@@ -181,12 +181,13 @@ def test_full_size_greedy_and_top20_match_reference(models, tol, logprob_error):
           f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     # Free-running over 300 + 32 tokens the random model amplifies every difference, so the
     # bound is relative to what the int8 rounding alone does to the reference on the same tokens
-    # (TOLERANCES "full_size_vs_rounding"); the absolute check is the one-step test below.
+    # (TOLERANCES "full_size_vs_rounding", "full_size_max_vs_rounding"); the absolute check is the
+    # one-step test below.
     scale = tol("full_size_vs_rounding")
     ref_mean = sum(a.ref_gaps) / len(a.ref_gaps)
     assert len(a.greedy_flips) <= tol("discrete_flips_full"), a.greedy_flips
     assert mean <= scale * ref_mean, (mean, ref_mean, a.errors)
-    assert max(a.errors) <= scale * max(a.ref_gaps), (a.errors, a.ref_gaps)
+    assert max(a.errors) <= tol("full_size_max_vs_rounding") * max(a.ref_gaps), (a.errors, a.ref_gaps)
     assert plain_mean <= tol("int8_experts_vs_plain"), a.plain_errors
 
 
