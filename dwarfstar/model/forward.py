@@ -146,10 +146,6 @@ class Ops:
     q8_matvec: Callable | None = None
     q8_expert_matvec: Callable | None = None
     q8_gemm: Callable | None = None
-    # Decode: hc_post also writes partial sums of squares of its output rows, and the next HC
-    # split takes them for its RMS norm instead of re-reading the 16384-wide row (a chain of 16
-    # dependent loads in one program). Candidate: fp32 order only, not yet timed on a GPU.
-    hc_sumsq: bool = False
     # Decode: hc_post also writes per-program Gram partials of its output's n streams, and the
     # next HC split + norm computes both RMS norms from them (kernels/hc.py hc_split_norm_gram:
     # the row read once by D / 256 programs instead of three passes by one). fp32 order only;
@@ -240,8 +236,8 @@ class ForwardModel:
         # id(x) -> (x, its int8 form) written by x's producer kernel (hc_split_norm, the glue
         # RMS norm and SwiGLU) for x's int8-activation products; emptied per block.
         self._quantized: dict[int, tuple] = {}
-        # (x, partial sums of squares of its HC rows, their Gram partials or None) from the last
-        # hc_post (Ops.hc_sumsq / Ops.hc_gram).
+        # (x, partial sums of squares of its HC rows, their Gram partials) from the last hc_post
+        # (Ops.hc_gram).
         self._hc_partials: tuple | None = None
         for i in range(config.n_layers):
             r = config.compress_ratios[i]
@@ -408,7 +404,7 @@ class ForwardModel:
             # The HC RMS norm folded into hc_split: the mat-vec reads the raw rows and hc_split
             # scales the mix by rsqrt(mean(rows^2) + eps) (one launch and a 64 KB pass fewer).
             mix = self.hc_mix(fn, rows)                              # [(S,) T, (2+n)n]
-            ss, gram = self._row_partials(x)
+            _, gram = self._row_partials(x)
             if self.ops.hc_split is hc_split and self.ops.glue:
                 # The weighted sum and the sublayer's RMS norm in the same launch; with int8
                 # activations also h's int8 form, which h's products then take (`quantized`).
@@ -417,14 +413,13 @@ class ForwardModel:
                 if gram is not None:
                     out = hc_split_norm_gram(mix, scale, base, n, *split, gram, quantize=quantize)
                 else:
-                    out = hc_split_norm(mix, scale, base, n, *split, quantize=quantize, ss=ss)
+                    out = hc_split_norm(mix, scale, base, n, *split, quantize=quantize)
                 if not quantize:
                     return out
                 h, post, m, hq = out
                 self._quantized[id(h)] = (h, hq)
                 return h, post, m
-            pre, post, m = self.ops.hc_split(mix, scale, base, n, c.hc_sinkhorn_iters, c.hc_eps, rows, c.norm_eps,
-                                             **({"ss": ss} if ss is not None else {}))
+            pre, post, m = self.ops.hc_split(mix, scale, base, n, c.hc_sinkhorn_iters, c.hc_eps, rows, c.norm_eps)
         else:
             # Chunks keep the norm first: their dense projection may run in fp16, where the raw
             # residual rows could overflow.
@@ -442,15 +437,14 @@ class ForwardModel:
 
     def hc_post(self, f, x, post, m, f_add=None):
         """f: the sublayer output [T, D] or its partials [T, P, D]; f_add [T, D] added to it."""
-        partials = self.ops.hc_sumsq or self.ops.hc_gram
-        if partials and self.ops.glue and self.ops.hc_split is hc_split and x.shape[0] <= MAX_COLS:
-            y, ss, *gram = hc_post(f, x, post, m, f_add, sumsq=True, gram=self.ops.hc_gram)
-            self._hc_partials = (y, ss, gram[0] if gram else None)
+        if self.ops.hc_gram and self.ops.glue and self.ops.hc_split is hc_split and x.shape[0] <= MAX_COLS:
+            y, ss, gram = hc_post(f, x, post, m, f_add, sumsq=True, gram=True)
+            self._hc_partials = (y, ss, gram)
             return y
         return (hc_post if self.ops.glue else hc_post_ref)(f, x, post, m, f_add)
 
     def _row_partials(self, x):
-        """(sums of squares, Gram partials or None) hc_post wrote for these HC rows, or Nones."""
+        """(sums of squares, Gram partials) hc_post wrote for these HC rows, or Nones."""
         last = self._hc_partials
         return last[1:] if last is not None and last[0] is x else (None, None)
 

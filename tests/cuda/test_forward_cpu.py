@@ -222,27 +222,6 @@ def _two_steps_against_triton_ops(model_path, tokens, logprob_error, monkeypatch
     return errors
 
 
-def test_hc_sumsq_forward_matches_production(model_path, tokens, tol, logprob_error, monkeypatch):
-    """Ops.hc_sumsq (hc_post's partial sums of squares feed the next HC split and the head's)
-    under the interpreter vs the same Triton ops without it: fp32 order only, so the official
-    numerics bound; and the partials are really taken (every HC split but the first layer's)."""
-    taken = []
-
-    def spy(fn):
-        def run(*a, ss=None, **k):
-            taken.append(ss is not None)
-            return fn(*a, ss=ss, **k)
-        return run
-
-    errors = _two_steps_against_triton_ops(model_path, tokens, logprob_error, monkeypatch,
-                                           {"hc_split_norm": spy, "hc_head_split": spy}, hc_sumsq=True)
-    assert max(errors) <= tol("official_numerics"), errors
-    # Per step and session: 2 splits per layer + the head's; with hc_sumsq all but the first
-    # layer's attention split take the partials (its rows come from the embedding).
-    per_step = 2 * CONFIG.n_layers + 1
-    assert len(taken) == 2 * 2 * per_step and sum(taken) == 2 * (per_step - 1), taken
-
-
 def test_hc_gram_forward_matches_production(model_path, tokens, tol, logprob_error, monkeypatch):
     """Ops.hc_gram (hc_post's Gram partials give the next HC split both of its RMS norms, read
     once by several programs: kernels/hc.py hc_split_norm_gram) under the interpreter vs the

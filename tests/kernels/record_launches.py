@@ -1,8 +1,8 @@
 """Record every Triton launch of a decode step (and a short prefill) under the interpreter.
 
 Runs a tiny synthetic model (widths that let the int8 candidate run too) through a prefill chunk and
-a decode step with the fp32-mat-vec ops (TRITON_OPS) and with production plus a candidate (TRITON_INT8_OPS +
-hc_sumsq), hooking the interpreter's launch
+a decode step with the fp32-mat-vec ops (TRITON_OPS) and with production (TRITON_INT8_OPS),
+hooking the interpreter's launch
 to note, per kernel, its argument types and constexpr values (the specialisation a GPU would
 compile). Writes them as JSON to argv[1] for sm90_compile.py. Run with TRITON_INTERPRET=1.
 """
@@ -67,9 +67,9 @@ def main() -> None:
                                  q_lora_rank=256, o_lora_rank=128)
     with tempfile.TemporaryDirectory() as d:
         path = synthesize(Path(d) / "tiny.gguf", config=config)
-        # The fp32 mat-vecs, then production with hc_post's sums of squares (a candidate): the
+        # The fp32 mat-vecs, then production (int8 products, hc_post's Gram partials): the
         # kernel specialisations of both.
-        for ops in (TRITON_OPS, dataclasses.replace(TRITON_INT8_OPS, hc_sumsq=True)):
+        for ops in (TRITON_OPS, TRITON_INT8_OPS):
             s = CudaEngine.load(path, EngineOptions(backend="cuda", ctx=64), ops=ops).new_session()
             s.sync(list(range(1, 11)))          # a chunk (> 8 tokens: the GEMM path)
             s.eval(5)
