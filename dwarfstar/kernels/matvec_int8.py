@@ -64,15 +64,35 @@ def expert_matvec_q8_ref(w: PlanarQ8_0, ids: torch.Tensor, x: torch.Tensor,
 
 
 @triton.jit
+def _q8_tile(qs_ptr, d_ptr, rows, mask_n, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The weight tile at inputs k0..k0+BLOCK_K of `rows`: int32 words [BLOCK_N, BLOCK_K / 4] and
+    block scales [BLOCK_N, BLOCK_K / 32] (zeros past K, so a tile after the last reads nothing)."""
+    KW = K // 4
+    KB = K // QB
+    offs_w = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+    offs_j = k0 // QB + tl.arange(0, BLOCK_K // QB)
+    wq = tl.load(qs_ptr + rows[:, None] * KW + offs_w[None, :], mask=mask_n[:, None] & (offs_w < KW)[None, :],
+                 other=0)
+    d = tl.load(d_ptr + rows[:, None] * KB + offs_j[None, :], mask=mask_n[:, None] & (offs_j < KB)[None, :],
+                other=0).to(tl.float32)
+    return wq, d
+
+
+@triton.jit
 def _q8_i8_kernel(qs_ptr, d_ptr, ids_ptr, xw_ptr, xs_ptr, y_ptr, N, K,
                   HAS_IDS: tl.constexpr, B: tl.constexpr, BP: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr = False):
     """Program (i, s): rows i*BLOCK_N.. of slot s (its expert ids[s] if HAS_IDS) for the B
-    columns of slot s. Weights are read as int32 words of four int8 (qs viewed as int32)."""
-    wait_for_inputs(PDL)
+    columns of slot s. Weights are read as int32 words of four int8 (qs viewed as int32), one
+    tile ahead of the products (the next tile's loads are in flight while this one is summed).
+    PDL: a dense weight's first tile is read before the wait (weights are never written by the
+    kernel ahead, tests/kernels/test_pdl.py); with ids the rows come from ids, so it waits first."""
+    wait_for_inputs(PDL & HAS_IDS)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n, mask_n, rows = slot_rows(ids_ptr, pid_n, pid_s, N, HAS_IDS, BLOCK_N)
+    wq, d = _q8_tile(qs_ptr, d_ptr, rows, mask_n, 0, K, BLOCK_N, BLOCK_K)
+    wait_for_inputs(PDL & (not HAS_IDS))
     KW = K // 4
     KB = K // QB
     offs_b = tl.arange(0, BP)
@@ -82,9 +102,6 @@ def _q8_i8_kernel(qs_ptr, d_ptr, ids_ptr, xw_ptr, xs_ptr, y_ptr, N, K,
         offs_j = k0 // QB + tl.arange(0, BLOCK_K // QB)
         ok_w = offs_w < KW
         ok_j = offs_j < KB
-        wq = tl.load(qs_ptr + rows[:, None] * KW + offs_w[None, :], mask=mask_n[:, None] & ok_w[None, :], other=0)
-        d = tl.load(d_ptr + rows[:, None] * KB + offs_j[None, :], mask=mask_n[:, None] & ok_j[None, :],
-                    other=0).to(tl.float32)
         for b in tl.static_range(B):
             col = pid_s * B + b
             xw = tl.load(xw_ptr + col * KW + offs_w, mask=ok_w, other=0)
@@ -93,6 +110,7 @@ def _q8_i8_kernel(qs_ptr, d_ptr, ids_ptr, xw_ptr, xs_ptr, y_ptr, N, K,
             isum = tl.sum(tl.reshape(isum, [BLOCK_N, BLOCK_K // QB, QB // 4]), axis=2)
             part = tl.sum(isum.to(tl.float32) * d * xs[None, :], axis=1)
             acc += tl.where(offs_b[None, :] == b, part[:, None], 0.0)
+        wq, d = _q8_tile(qs_ptr, d_ptr, rows, mask_n, k0 + BLOCK_K, K, BLOCK_N, BLOCK_K)
     y_ptrs = y_ptr + pid_s * B * N + offs_b[None, :] * N + offs_n[:, None]
     tl.store(y_ptrs, acc, mask=mask_n[:, None] & (offs_b < B)[None, :])
 
