@@ -205,14 +205,14 @@ def _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, full, weight=Non
     return (h if weight is not None else pre), post, m
 
 
-def hc_split(mix, scale, base, n: int, iters: int, eps: float, x=None, norm_eps: float = 0.0, ss=None):
+def hc_split(mix, scale, base, n: int, iters: int, eps: float, x=None, norm_eps: float = 0.0):
     width = mix.shape[-1]
     _check_width(width, n)
-    return _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, True, ss=ss)
+    return _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, True)
 
 
 def hc_split_norm(mix, scale, base, n: int, iters: int, eps: float, x, norm_eps: float, weight,
-                  quantize: bool = False, ss=None):
+                  quantize: bool = False):
     """`hc_split` with the raw rows x [T, n D], then the sublayer input in the same launch:
     h = rms_norm(sum_i pre[t, i] x[t, i], weight, norm_eps) [T, D] -> (h, post, m). Saves the
     weighted-sum and RMS-norm launches of each HC pre (two per layer side). quantize: also
@@ -220,7 +220,7 @@ def hc_split_norm(mix, scale, base, n: int, iters: int, eps: float, x, norm_eps:
     for the int8-activation products that read h (no quantiser launch of their own)."""
     width = mix.shape[-1]
     _check_width(width, n)
-    return _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, True, weight, quantize, ss)
+    return _launch_split(mix, scale, base, n, iters, eps, x, norm_eps, True, weight, quantize)
 
 
 def hc_split_norm_ref(mix, scale, base, n: int, iters: int, eps: float, x, norm_eps: float, weight):
@@ -235,7 +235,7 @@ def hc_head_split(mix, scale, base, eps: float, x=None, norm_eps: float = 0.0, s
     return _launch_split(mix, scale, base, n, 1, eps, x, norm_eps, False, ss=ss)[0]
 
 
-# ---- the split from hc_post's Gram partials (candidate Ops.hc_gram) ------------------
+# ---- the split from hc_post's Gram partials (Ops.hc_gram, production) -----------------
 # `hc_split_norm_gram(mix, scale, base, n, iters, eps, x, norm_eps, weight, gram, quantize)`:
 # hc_split_norm for decode rows whose producer hc_post also wrote the Gram partials of its output
 # (`hc_post(..., gram=True)`: gram [T, G, n, n], G[t, b, i, j] = sum over program b's columns of

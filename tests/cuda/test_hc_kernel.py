@@ -185,9 +185,9 @@ def _rel_l2(a, b):
 @pytest.mark.parametrize("t,d", [(1, 4096), (2, 1024)])
 def test_hc_post_sums_of_squares_feed_the_split(t, d):
     """hc_post(sumsq=True): the same y, and per-program partial sums of y^2 whose total is the
-    row's (fp32 order); given as `ss`, the split and the head split use them for the HC RMS norm
-    instead of re-reading the row, and agree with the x-reading form to fp32 order (1e-6)."""
-    from dwarfstar.kernels.hc import hc_post, hc_split_norm
+    row's (fp32 order); given as `ss`, the head split uses them for the HC RMS norm instead of
+    re-reading the row, and agrees with the x-reading form to fp32 order (1e-6)."""
+    from dwarfstar.kernels.hc import hc_post
 
     (f, x, post, m), (mix, scale, base, weight) = _post_then_split_inputs(t, d, 3 * t + d)
     y = hc_post(f, x, post, m)
@@ -196,11 +196,6 @@ def test_hc_post_sums_of_squares_feed_the_split(t, d):
     want = y.double().reshape(t, -1).square().sum(1)
     assert ((ss.double().sum(1) - want).abs() / want).max().item() < 1e-6
     rows = y.reshape(t, -1)
-    split = (HC_N, HC_ITERS, HC_EPS, rows, NORM_EPS, weight)
-    plain = hc_split_norm(mix, scale, base, *split)
-    fused = hc_split_norm(mix, scale, base, *split, ss=ss)
-    for a, b in zip(fused, plain):
-        assert _rel_l2(a, b) < 1e-6
     head_mix = mix[0, :, :HC_N].contiguous()
     a = hc_head_split(head_mix, scale, base[:HC_N], HC_EPS, rows, NORM_EPS, ss=ss)
     b = hc_head_split(head_mix, scale, base[:HC_N], HC_EPS, rows, NORM_EPS)
