@@ -23,7 +23,8 @@ TOLERANCES = {
                  "for Gaussian inputs, 3.5e-3..5e-3 measured) vs the unquantised float64 product"),
     "int8_act_swiglu": (4e-2, "two int8-activation dots (~0.5 % each) through silu(g)*v: the log-"
                         "derivative of silu reaches ~2 for negative g, so up to ~3x one dot's error "
-                        "(5e-3..1.3e-2 measured over 12 draws, gate/up rms = limit / 2)"),
+                        "(gate/up rms = limit / 2, >= 128 outputs: median 8e-3, max 0.021 over 200-300 draws "
+                        "per format and with the clamp off)"),
     # ---- CUDA backend vs the reference (nats) ----
     "exact_numerics": (1e-4, "no rounding points: fp32 summation order only (~1e-6 relative per "
                        "op, a few dozen ops deep)"),

@@ -108,8 +108,10 @@ def test_moe_down_tiny(ggml_type, gen, check):
 
 
 def test_moe_gate_up_without_clamp(gen, check):
-    """limit <= 0 means no clamp (ds4 and the official model), not a clamp at 0."""
-    check_gate_up(T.Q2_K, 3, 16, 256, 1, 2, gen, check, limit=0.0)
+    """limit <= 0 means no clamp (ds4 and the official model), not a clamp at 0. 2 x 2 x 64
+    outputs: with 32 (16 rows, 1 token) the int8 error's relative L2 had a tail past the
+    int8_act_swiglu bound (4 of 300 seeds, up to 0.064; CI failed once on one)."""
+    check_gate_up(T.Q2_K, 3, 64, 512, 2, 2, gen, check, limit=0.0)
 
 
 def test_moe_decode_matches_twin(gen, check):
