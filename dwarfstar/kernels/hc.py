@@ -400,10 +400,10 @@ HC_BLOCK_D = 512
 
 def hc_post(f, x, post, m, f_add=None, sumsq: bool = False, gram: bool = False):
     """y [T, n, D] (the contract above), then, as a tuple with it: with sumsq, ss [T, D /
-    HC_BLOCK_D] the partial sums of y[t]^2 per program, which hc_split / hc_split_norm /
-    hc_head_split take (`ss=`) in place of re-reading the 16384-wide row for its RMS norm; with
-    gram, the per-program Gram partials [T, D / HC_BLOCK_D, n, n] of y[t]'s streams for
-    hc_split_norm_gram."""
+    HC_BLOCK_D] the partial sums of y[t]^2 per program, which hc_head_split takes (`ss=`) in
+    place of re-reading the 16384-wide row for its RMS norm (with gram too, each is its Gram
+    partial's trace); with gram, the per-program Gram partials [T, D / HC_BLOCK_D, n, n] of
+    y[t]'s streams for hc_split_norm_gram."""
     f = f.contiguous()
     t, n = _check_streams(x, f, post, m, *(() if f_add is None else (f_add,)))
     d = x.shape[2]

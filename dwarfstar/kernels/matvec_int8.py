@@ -14,8 +14,8 @@ Numerics: the activations are rounded to int8 per 32 inputs exactly as the route
 (`quantize_act_ref`: scale amax/127, round half to even) — ds4 does the same for its Q8_0
 decode mat-vecs (`quantize_q8_0_f32_kernel`, then dp4a). The block dots are exact integers;
 the kernel then differs from the twin (`matvec_q8_ref`, fp32 like the reference model) by fp32
-rounding only (the tests also hold both to a float64 oracle). Against the unrounded fp32 product the difference is the int8
-rounding of x (~0.5 % relative, kernels.md §7).
+rounding only (the tests also hold both to a float64 oracle). Against the unrounded fp32
+product the difference is the int8 rounding of x (~0.5 % relative, kernels.md §7).
 
 Why: the fp32 kernel (matvec.py) converts every weight byte to float and multiplies it,
 which, not HBM, bounds it: from a warm L2 it is only ~10 % faster (bench/l2_bench.py on the

@@ -163,8 +163,9 @@ TRITON_OPS = Ops(matvec, expert_matvec, hc_split, _experts_int8(moe_gate_up, moe
 # Production: the Q8_0 products with int8 activations (ds4's decode rounding point), in decode
 # and in chunks (kernels/prefill_q8.py on the same codes, so the two compute one function), and
 # the HC norms from hc_post's Gram partials. On the H200: 8.71 -> 7.75 ms per 2K step for the
-# int8 products, 7.70 -> 7.43 for the Gram partials; 16K prefill ~3,000 tok/s. Its GPU gate holds it as close to the float64 int8
-# oracle as the float32 oracle is (tests/cuda/test_cuda_gpu.py, docs/PERF.md).
+# int8 products, 7.70 -> 7.43 for the Gram partials; 16K prefill ~3,000 tok/s. Its GPU gate
+# holds it as close to the float64 int8 oracle as the float32 oracle is
+# (tests/cuda/test_cuda_gpu.py, docs/PERF.md).
 TRITON_INT8_OPS = dataclasses.replace(TRITON_OPS, q8_matvec=_q8_dense, q8_expert_matvec=_q8_grouped,
                                       q8_gemm=_q8_chunk, hc_gram=True)
 PRODUCTION_OPS = TRITON_INT8_OPS

@@ -7,9 +7,9 @@ matrix dequantised per use by `dequantize_planar` (bit-exact with gguf's dequant
 routed experts one selected expert at a time, computing on the GPU in float32 with numerics
 "official". Oracle: that reference with every Q8_0 product's input and the routed experts'
 inputs rounded to int8 as production's kernels round them (int8_oracle.py, dense), so it differs
-from the CUDA path by fp32 order only; the plain reference (no int8 rounding) is measured beside it. Structure and tolerances follow
-test_cuda_gpu.py's `test_greedy_and_top20_match_reference` (4 layers), here at 43 layers:
-300-token prompt (one reference prefill), 32 greedy steps.
+from the CUDA path by fp32 order only; the plain reference (no int8 rounding) is measured beside
+it. Structure and tolerances follow test_cuda_gpu.py's `test_greedy_and_top20_match_reference`
+(4 layers), here at 43 layers: 300-token prompt (one reference prefill), 32 greedy steps.
 
 Memory: 80.8 GiB weights + CUDA state and workspace + the reference's temporaries (largest:
 the fp32 head and embedding, 2 GiB each, per forward); needs a GPU of >= 120 GiB (H200).
@@ -101,7 +101,8 @@ class ReferenceRun:
             self.session = Session(model, ctx, prefill_chunk=ctx)
 
     def _run(self, fn, arg):
-        with on_device(self.device), (int8_reference(self.model, self.dense) if self.int8 else contextlib.nullcontext()):
+        rounding = int8_reference(self.model, self.dense) if self.int8 else contextlib.nullcontext()
+        with on_device(self.device), rounding:
             fn(arg)
         return self.session.logits()
 

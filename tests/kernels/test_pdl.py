@@ -82,7 +82,8 @@ def test_every_pdl_kernel_waits_first_and_launches_through_pdl():
             for call in launches:
                 spread = [ast.unparse(k.value) for k in call.keywords if k.arg is None]
                 grid = ast.unparse(call.func.slice)
-                assert spread == [f"pdl.launch({grid})"], f"{fn.name} launched without **pdl.launch({grid}) ({path.name})"
+                assert spread == [f"pdl.launch({grid})"], \
+                    f"{fn.name} launched without **pdl.launch({grid}) ({path.name})"
                 assert not {"PDL", "launch_pdl"} & {k.arg for k in call.keywords}
             seen.add(fn.name)
     assert len(seen) >= 21, seen
