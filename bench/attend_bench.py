@@ -7,7 +7,9 @@ Kernel times are CUDA-graph replays (20 calls per graph), so launch costs are th
 each setting's largest relative error against the float64 twin, so a faster precision shows
 what it costs in accuracy (the GPU tests hold the kernel to 1e-5). `--blocks BN BH BD WARPS`
 times that one tiling instead of the sweep (e.g. production's, per precision, in seconds).
+`--qk-split 1 2 4` sweeps attend.QK_SPLIT (the QK dot's head-dim chunks as a batched dot).
 Usage: PYTHONPATH=.:bench python3 bench/attend_bench.py [--precision ieee tf32x3] [--blocks 16 16 128 4]
+       [--qk-split 1 4]
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ def max_rel_error(cases: dict) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--precision", nargs="+", default=["ieee"], help="tl.dot precisions to sweep")
+    p.add_argument("--qk-split", type=int, nargs="+", default=[attend.QK_SPLIT],
+                   help="QK head-dim chunks as a batched dot (attend.QK_SPLIT) to sweep")
     p.add_argument("--blocks", type=int, nargs=4, default=None, metavar=("BN", "BH", "BD", "WARPS"),
                    help="one tiling instead of the sweep")
     args = p.parse_args()
@@ -73,21 +77,21 @@ def main() -> None:
     print("twin:", {n: round(triton.testing.do_bench(lambda c=c: attend.attend_decode_ref(**c)) * 1e3, 1)
                     for n, c in cases.items()})
     best = None
-    for dot, (bn, bh, bd, nw) in itertools.product(args.precision, tilings):
+    for dot, split, (bn, bh, bd, nw) in itertools.product(args.precision, args.qk_split, tilings):
         attend.BLOCK_N, attend.BLOCK_H, attend.BLOCK_D, attend.NUM_WARPS = bn, bh, bd, nw
-        attend.GATHERED_BLOCKS, attend.DOT_PRECISION = (bn, bh, bd), dot
+        attend.GATHERED_BLOCKS, attend.DOT_PRECISION, attend.QK_SPLIT = (bn, bh, bd), dot, split
         try:
             us = {n: graph_us(lambda c=c: attend.attend_decode(**c)) for n, c in cases.items()}
         except Exception as e:            # out of shared memory / registers for this tile
-            print(f"{dot} BLOCK_N {bn} BLOCK_H {bh} BLOCK_D {bd} warps {nw}: {type(e).__name__}")
+            print(f"{dot} split {split} BLOCK_N {bn} BLOCK_H {bh} BLOCK_D {bd} warps {nw}: {type(e).__name__}")
             continue
         step = sum(us[n] * m for n, m in weights.items())
-        print(f"{dot} BLOCK_N {bn:3d} BLOCK_H {bh:3d} BLOCK_D {bd:4d} warps {nw}: "
+        print(f"{dot} split {split} BLOCK_N {bn:3d} BLOCK_H {bh:3d} BLOCK_D {bd:4d} warps {nw}: "
               + " ".join(f"{n} {v:6.1f}" for n, v in us.items()) + f" | 2K step {step:7.1f} us"
               + f" | max rel err {max_rel_error(cases):.1e}")
         if best is None or step < best[0]:
-            best = (step, dot, bn, bh, bd, nw)
-    print("best (2K step µs, precision, BLOCK_N, BLOCK_H, BLOCK_D, warps):",
+            best = (step, dot, split, bn, bh, bd, nw)
+    print("best (2K step µs, precision, QK split, BLOCK_N, BLOCK_H, BLOCK_D, warps):",
           tuple(round(v, 1) if isinstance(v, float) else v for v in best))
 
 

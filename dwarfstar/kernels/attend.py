@@ -54,6 +54,10 @@ GATHERED_BLOCKS = (16, 16, 128)
 # weighted 2K step's attention took 826 µs against 1,042, with the largest error against the
 # float64 twin 4.6e-7 against 7.1e-7.
 DOT_PRECISION = "tf32x3"
+# Head-dim chunks of the QK dot taken as the batch axis of a 3D tl.dot (independent accumulators,
+# one chain each, summed at the end); 1: one [BLOCK_H, BLOCK_N] accumulator through all of D.
+# The sm_90 PTX of the single accumulator is one dependent chain of 192 mma per warp (docs/PERF.md).
+QK_SPLIT = 1
 
 
 def attend_decode_ref(q, raw, ring_pos, kv, pos, comp, comp_idx, ratio, sinks) -> torch.Tensor:
@@ -73,12 +77,34 @@ def attend_decode_ref(q, raw, ring_pos, kv, pos, comp, comp_idx, ratio, sinks) -
 
 
 @triton.jit
-def _key_tile(raw_ptr, kv_ptr, comp_ptr, j, row, seen_raw, is_cur, seen_comp, dd, D, HAS_COMP: tl.constexpr):
-    """Key rows [BLOCK_N, BLOCK_D] at head-dim offsets dd; zero where the key is not visible."""
-    k = tl.load(raw_ptr + j[:, None] * D + dd[None, :], mask=seen_raw[:, None], other=0.0)
+def _key_tile(raw_ptr, kv_ptr, comp_ptr, j, row, is_raw, is_comp, seen_raw, is_cur, seen_comp, dd, D,
+              HAS_COMP: tl.constexpr):
+    """Key rows [BLOCK_N, BLOCK_D] at head-dim offsets dd; zero where the key is not visible.
+
+    The loads are bounded by the key's kind only (ring slot, this token, compressed row), not by
+    its visibility, so they issue without waiting for ring_pos; the visibility then selects
+    (a where, so an invisible slot's contents, even NaN or the slot being written, never count).
+    """
+    k = tl.load(raw_ptr + j[:, None] * D + dd[None, :], mask=is_raw[:, None], other=0.0)
+    k = tl.where(seen_raw[:, None], k, 0.0)
     k += tl.load(kv_ptr + 0 * j[:, None] + dd[None, :], mask=is_cur[:, None], other=0.0)
     if HAS_COMP:
-        k += tl.load(comp_ptr + row[:, None] * D + dd[None, :], mask=seen_comp[:, None], other=0.0)
+        c = tl.load(comp_ptr + row[:, None] * D + dd[None, :], mask=is_comp[:, None], other=0.0)
+        k += tl.where(seen_comp[:, None], c, 0.0)
+    return k
+
+
+@triton.jit
+def _key_tile3(raw_ptr, kv_ptr, comp_ptr, j, row, is_raw, is_comp, seen_raw, is_cur, seen_comp, dd, D,
+               HAS_COMP: tl.constexpr):
+    """`_key_tile` for head-dim offsets dd [S, DC] (S chunks): [S, BLOCK_N, DC]."""
+    a = j[None, :, None] * D + dd[:, None, :]
+    k = tl.load(raw_ptr + a, mask=is_raw[None, :, None], other=0.0)
+    k = tl.where(seen_raw[None, :, None], k, 0.0)
+    k += tl.load(kv_ptr + 0 * a + dd[:, None, :], mask=is_cur[None, :, None], other=0.0)
+    if HAS_COMP:
+        c = tl.load(comp_ptr + row[None, :, None] * D + dd[:, None, :], mask=is_comp[None, :, None], other=0.0)
+        k += tl.where(seen_comp[None, :, None], c, 0.0)
     return k
 
 
@@ -87,7 +113,7 @@ def _attend_partial_kernel(q_ptr, raw_ptr, ring_pos_ptr, kv_ptr, pos_ptr, comp_p
                            m_ptr, l_ptr, o_ptr, ratio, H, W, M, sqrt_d, D: tl.constexpr,
                            HAS_COMP: tl.constexpr, HAS_IDX: tl.constexpr,
                            BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                           DOT: tl.constexpr, PDL: tl.constexpr = False):
+                           DOT: tl.constexpr, QK_SPLIT: tl.constexpr = 1, PDL: tl.constexpr = False):
     wait_for_inputs(PDL)
     b = tl.program_id(0)
     g = tl.program_id(1)
@@ -103,7 +129,8 @@ def _attend_partial_kernel(q_ptr, raw_ptr, ring_pos_ptr, kv_ptr, pos_ptr, comp_p
     is_cur = j == W
     ci = j - (W + 1)
     row = ci.to(tl.int64)
-    seen_comp = j < 0
+    is_comp = j < 0
+    seen_comp = is_comp
     if HAS_COMP:
         is_comp = (ci >= 0) & (ci < M)
         if HAS_IDX:
@@ -111,13 +138,27 @@ def _attend_partial_kernel(q_ptr, raw_ptr, ring_pos_ptr, kv_ptr, pos_ptr, comp_p
         seen_comp = is_comp & (row < (pos + 1) // ratio)
     seen = seen_raw | is_cur | seen_comp
     jr = j.to(tl.int64)
+    tile = (raw_ptr, kv_ptr, comp_ptr, jr, row, is_raw, is_comp, seen_raw, is_cur, seen_comp)
 
-    acc = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
-    for d0 in tl.static_range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        qt = tl.load(q_ptr + heads[:, None] * D + dd[None, :], mask=h_ok[:, None], other=0.0)
-        kt = _key_tile(raw_ptr, kv_ptr, comp_ptr, jr, row, seen_raw, is_cur, seen_comp, dd, D, HAS_COMP)
-        acc = tl.dot(qt, tl.trans(kt), acc, input_precision=DOT)
+    if QK_SPLIT == 1:
+        acc = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
+        for d0 in tl.static_range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            qt = tl.load(q_ptr + heads[:, None] * D + dd[None, :], mask=h_ok[:, None], other=0.0)
+            kt = _key_tile(*tile, dd, D, HAS_COMP)
+            acc = tl.dot(qt, tl.trans(kt), acc, input_precision=DOT)
+    else:
+        # The head dim as QK_SPLIT chunks on the batch axis of a 3D dot: one accumulator per
+        # chunk (its own warp), so the tensor-core products form QK_SPLIT short chains instead
+        # of one chain through all of D; the chunks are summed at the end.
+        DC: tl.constexpr = BLOCK_D // QK_SPLIT
+        acc3 = tl.zeros([QK_SPLIT, BLOCK_H, BLOCK_N], dtype=tl.float32)
+        for d0 in tl.static_range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, QK_SPLIT)[:, None] * DC + tl.arange(0, DC)[None, :]       # [S, DC]
+            qt = tl.load(q_ptr + heads[None, :, None] * D + dd[:, None, :], mask=h_ok[None, :, None], other=0.0)
+            kt = _key_tile3(*tile, dd, D, HAS_COMP)
+            acc3 = tl.dot(qt, tl.permute(kt, (0, 2, 1)), acc3, input_precision=DOT)
+        acc = tl.sum(acc3, axis=0)
     logits = tl.where(seen[None, :], tl.div_rn(acc, sqrt_d), float("-inf"))
     m = tl.max(logits, axis=1)                                                  # [BLOCK_H]
     # A block with no visible key: m = -inf, p = 0, l = 0 (the combine weighs it by 0).
@@ -126,10 +167,11 @@ def _attend_partial_kernel(q_ptr, raw_ptr, ring_pos_ptr, kv_ptr, pos_ptr, comp_p
     tl.store(l_ptr + b * H + heads, tl.sum(p, axis=1), mask=h_ok)
     for d0 in tl.static_range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
-        kt = _key_tile(raw_ptr, kv_ptr, comp_ptr, jr, row, seen_raw, is_cur, seen_comp, dd, D, HAS_COMP)
+        kt = _key_tile(*tile, dd, D, HAS_COMP)
         o = tl.dot(p, kt, input_precision=DOT)                                   # [BLOCK_H, BLOCK_D]
         tl.store(o_ptr + (b * H + heads)[:, None] * D + dd[None, :], o, mask=h_ok[:, None])
-    # The ring write; no program loads slot `slot` (masked above).
+    # The ring write. Other programs may load slot `slot` meanwhile (the loads are not masked by
+    # visibility), but whatever they read there is replaced by zero (`seen_raw` excludes it).
     if (b == 0) & (g == 0):
         for d0 in tl.static_range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
@@ -204,7 +246,7 @@ def attend_decode(q, raw, ring_pos, kv, pos, comp, comp_idx, ratio, sinks, inv_r
         q, raw, ring_pos, kv, pos, comp if has_comp else raw, comp_idx if has_idx else ring_pos,
         m, l, part, max(ratio, 1), n_heads, w, n_rows, math.sqrt(d), D=d,
         HAS_COMP=has_comp, HAS_IDX=has_idx, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT=DOT_PRECISION, **pdl.launch(grid), num_warps=NUM_WARPS)
+        DOT=DOT_PRECISION, QK_SPLIT=QK_SPLIT, **pdl.launch(grid), num_warps=NUM_WARPS)
     combine_d = min(COMBINE_D, d)
     n_pairs = 1
     if inv_rope is not None:

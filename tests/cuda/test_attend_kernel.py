@@ -7,6 +7,7 @@ model/attention._attend; run in float64 it is the oracle for both the kernel and
 import pytest
 import torch
 
+from dwarfstar.kernels import attend
 from dwarfstar.kernels.attend import attend_decode, attend_decode_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -65,18 +66,45 @@ CASES = {
 }
 
 
+# QK dot forms (attend.QK_SPLIT): one accumulator through D, and D in 2 or 4 batched chunks.
+QK_SPLITS = [1, 2, 4]
+
+
+@pytest.mark.parametrize("qk_split", QK_SPLITS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_attend_decode_matches_twin(name, tol):
+def test_attend_decode_matches_twin(name, qk_split, tol, monkeypatch):
+    monkeypatch.setattr(attend, "QK_SPLIT", qk_split)
     pos, n, idx, ratio = CASES[name]
     _check(_case(4, 64, 8, pos, n, idx, ratio, seed=pos + n), tol("attend_decode"))
 
 
+@pytest.mark.parametrize("qk_split", QK_SPLITS)
+@pytest.mark.parametrize("name", ["wrapped_selected", "filling_selected_none_visible", "empty_block"])
+def test_invisible_keys_never_count(name, qk_split, monkeypatch):
+    """The key loads are not masked by visibility (kernels/attend.py _key_tile): NaN in every
+    ring slot and compressed row the token may not see changes no bit of the output."""
+    monkeypatch.setattr(attend, "QK_SPLIT", qk_split)
+    pos, n, idx, ratio = CASES[name]
+    case = _case(4, 64, 8, pos, n, idx, ratio, seed=pos + n)
+    want = attend_decode(**dict(case, raw=case["raw"].clone()))
+    ring = case["ring_pos"]
+    hidden = (ring < 0) | (ring <= pos - 8)
+    hidden[pos % 8] = True
+    poisoned = dict(case, raw=case["raw"].clone(), comp=case["comp"].clone())
+    poisoned["raw"][hidden] = float("nan")
+    poisoned["comp"][(pos + 1) // ratio:] = float("nan")
+    assert hidden.any() and poisoned["comp"].isnan().any()
+    assert torch.equal(attend_decode(**poisoned), want)
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("qk_split", QK_SPLITS)
 @pytest.mark.parametrize("ratio,ctx,pos", [(0, 32768, 30000), (4, 32768, 30000), (4, 32768, 300),
                                            (128, 131072, 100000), (128, 32768, 61)])
-def test_attend_decode_flash_shapes(ratio, ctx, pos, tol):
+def test_attend_decode_flash_shapes(ratio, ctx, pos, qk_split, tol, monkeypatch):
     """Flash: H = 64, D = 512, W = 128; ratio 4 attends the indexer's top 512 of cap rows,
     ratio 128 all cap rows (cap = ctx / r + 2)."""
+    monkeypatch.setattr(attend, "QK_SPLIT", qk_split)
     cap = ctx // ratio + 2 if ratio else 0
     idx = None
     if ratio == 4:
