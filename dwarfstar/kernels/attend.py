@@ -56,8 +56,11 @@ GATHERED_BLOCKS = (16, 16, 128)
 DOT_PRECISION = "tf32x3"
 # Head-dim chunks of the QK dot taken as the batch axis of a 3D tl.dot (independent accumulators,
 # one chain each, summed at the end); 1: one [BLOCK_H, BLOCK_N] accumulator through all of D.
-# The sm_90 PTX of the single accumulator is one dependent chain of 192 mma per warp (docs/PERF.md).
-QK_SPLIT = 1
+# A program is a serial instruction stream (Nsight Compute on the H200: ~1 warp per scheduler,
+# one issue every ~6 cycles), and the single accumulator's QK is one dependent chain of 192 mma
+# per warp. bench/attend_bench.py (H200, tf32x3, 16 x 16 x 128, 4 warps), weighted 2K step:
+# split 1 612 µs, 4 536 µs, 8 542 µs; 8 warps were slower at every split (696-944 µs).
+QK_SPLIT = 4
 
 
 def attend_decode_ref(q, raw, ring_pos, kv, pos, comp, comp_idx, ratio, sinks) -> torch.Tensor:
@@ -77,35 +80,11 @@ def attend_decode_ref(q, raw, ring_pos, kv, pos, comp, comp_idx, ratio, sinks) -
 
 
 @triton.jit
-def _key_tile(raw_ptr, kv_ptr, comp_ptr, j, row, is_raw, is_comp, seen_raw, is_cur, seen_comp, dd, D,
-              HAS_COMP: tl.constexpr):
-    """Key rows [BLOCK_N, BLOCK_D] at head-dim offsets dd; zero where the key is not visible.
-
-    The loads are bounded by the key's kind only (ring slot, this token, compressed row), not by
-    its visibility, so they issue without waiting for ring_pos; the visibility then selects
-    (a where, so an invisible slot's contents, even NaN or the slot being written, never count).
-    """
-    k = tl.load(raw_ptr + j[:, None] * D + dd[None, :], mask=is_raw[:, None], other=0.0)
-    k = tl.where(seen_raw[:, None], k, 0.0)
-    k += tl.load(kv_ptr + 0 * j[:, None] + dd[None, :], mask=is_cur[:, None], other=0.0)
-    if HAS_COMP:
-        c = tl.load(comp_ptr + row[:, None] * D + dd[None, :], mask=is_comp[:, None], other=0.0)
-        k += tl.where(seen_comp[:, None], c, 0.0)
-    return k
-
-
-@triton.jit
-def _key_tile3(raw_ptr, kv_ptr, comp_ptr, j, row, is_raw, is_comp, seen_raw, is_cur, seen_comp, dd, D,
-               HAS_COMP: tl.constexpr):
-    """`_key_tile` for head-dim offsets dd [S, DC] (S chunks): [S, BLOCK_N, DC]."""
-    a = j[None, :, None] * D + dd[:, None, :]
-    k = tl.load(raw_ptr + a, mask=is_raw[None, :, None], other=0.0)
-    k = tl.where(seen_raw[None, :, None], k, 0.0)
-    k += tl.load(kv_ptr + 0 * a + dd[:, None, :], mask=is_cur[None, :, None], other=0.0)
-    if HAS_COMP:
-        c = tl.load(comp_ptr + row[None, :, None] * D + dd[:, None, :], mask=is_comp[None, :, None], other=0.0)
-        k += tl.where(seen_comp[None, :, None], c, 0.0)
-    return k
+def _key_rows(raw_ptr, kv_ptr, comp_ptr, j, row, is_raw, is_comp, D):
+    """Pointer to each key's row [BLOCK_N]: its ring slot, this token's row, or its compressed
+    row, so a key tile is one load per element whichever kind the key is."""
+    key = tl.where(is_raw, raw_ptr + j * D, kv_ptr + 0 * j)
+    return tl.where(is_comp, comp_ptr + row * D, key)
 
 
 @triton.jit
@@ -137,15 +116,19 @@ def _attend_partial_kernel(q_ptr, raw_ptr, ring_pos_ptr, kv_ptr, pos_ptr, comp_p
             row = tl.load(idx_ptr + ci, mask=is_comp, other=0)
         seen_comp = is_comp & (row < (pos + 1) // ratio)
     seen = seen_raw | is_cur | seen_comp
-    jr = j.to(tl.int64)
-    tile = (raw_ptr, kv_ptr, comp_ptr, jr, row, is_raw, is_comp, seen_raw, is_cur, seen_comp)
+    # QK loads every key that exists (bounded by kind, not by visibility, so they need not wait
+    # for ring_pos): an invisible key's logit is replaced by -inf whatever its row holds (even
+    # NaN, or the slot being written). PV loads only the visible rows (zeros elsewhere, since
+    # p = 0 times NaN would not be 0).
+    exists = is_raw | is_cur | is_comp
+    key = _key_rows(raw_ptr, kv_ptr, comp_ptr, j.to(tl.int64), row, is_raw, is_comp, D)
 
     if QK_SPLIT == 1:
         acc = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
         for d0 in tl.static_range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             qt = tl.load(q_ptr + heads[:, None] * D + dd[None, :], mask=h_ok[:, None], other=0.0)
-            kt = _key_tile(*tile, dd, D, HAS_COMP)
+            kt = tl.load(key[:, None] + dd[None, :], mask=exists[:, None], other=0.0)
             acc = tl.dot(qt, tl.trans(kt), acc, input_precision=DOT)
     else:
         # The head dim as QK_SPLIT chunks on the batch axis of a 3D dot: one accumulator per
@@ -156,7 +139,7 @@ def _attend_partial_kernel(q_ptr, raw_ptr, ring_pos_ptr, kv_ptr, pos_ptr, comp_p
         for d0 in tl.static_range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, QK_SPLIT)[:, None] * DC + tl.arange(0, DC)[None, :]       # [S, DC]
             qt = tl.load(q_ptr + heads[None, :, None] * D + dd[:, None, :], mask=h_ok[None, :, None], other=0.0)
-            kt = _key_tile3(*tile, dd, D, HAS_COMP)
+            kt = tl.load(key[None, :, None] + dd[:, None, :], mask=exists[None, :, None], other=0.0)
             acc3 = tl.dot(qt, tl.permute(kt, (0, 2, 1)), acc3, input_precision=DOT)
         acc = tl.sum(acc3, axis=0)
     logits = tl.where(seen[None, :], tl.div_rn(acc, sqrt_d), float("-inf"))
@@ -167,11 +150,11 @@ def _attend_partial_kernel(q_ptr, raw_ptr, ring_pos_ptr, kv_ptr, pos_ptr, comp_p
     tl.store(l_ptr + b * H + heads, tl.sum(p, axis=1), mask=h_ok)
     for d0 in tl.static_range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
-        kt = _key_tile(*tile, dd, D, HAS_COMP)
+        kt = tl.load(key[:, None] + dd[None, :], mask=seen[:, None], other=0.0)
         o = tl.dot(p, kt, input_precision=DOT)                                   # [BLOCK_H, BLOCK_D]
         tl.store(o_ptr + (b * H + heads)[:, None] * D + dd[None, :], o, mask=h_ok[:, None])
-    # The ring write. Other programs may load slot `slot` meanwhile (the loads are not masked by
-    # visibility), but whatever they read there is replaced by zero (`seen_raw` excludes it).
+    # The ring write. Other programs' QK may load slot `slot` meanwhile, but its logit is -inf
+    # (`seen_raw` excludes it) and PV does not load it.
     if (b == 0) & (g == 0):
         for d0 in tl.static_range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
