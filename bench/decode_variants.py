@@ -1,9 +1,10 @@
 """Decode step time of switchable variants on one set of dummy weights (A/B in one process).
 
 A variant is a set of overrides of production: `ops` fields of the ForwardModel (fp32 mat-vecs
-instead of the int8-activation Q8_0 products, the HC norms without hc_post's Gram partials),
-decode attention's block shape for gathered rows or its tl.dot precision, and programmatic
-dependent launch (kernels/pdl.py) off or only for small grids. Speed only: accuracy is the GPU
+instead of the int8-activation Q8_0 products, the HC norms without hc_post's Gram partials) and
+kernel module switches ("module.NAME": value, restored after the variant): decode attention's
+block shape for gathered rows, its tl.dot precision or QK form, programmatic dependent launch
+(kernels/pdl.py) off or only for small grids, the IQ2_XXS gate/up kernel. Speed only: accuracy is the GPU
 tests' job. A fresh session is captured per variant and timed as in cuda_decode_bench (graph
 replay, median of --steps), interleaved over --rounds so drift hits all variants alike.
 
@@ -21,18 +22,33 @@ import torch
 from cuda_decode_bench import fill_state, flash_config, time_graph
 from dwarfstar.engine.cuda_engine import CudaEngine
 from dwarfstar.engine.engine import EngineOptions
-from dwarfstar.kernels import attend, pdl
+from dwarfstar.kernels import attend, moe_nvrtc, pdl, rounding
 
 FP32 = {"q8_matvec": None, "q8_expert_matvec": None, "q8_gemm": None}     # TRITON_OPS's mat-vecs
+MODULES = {"attend": attend, "moe_nvrtc": moe_nvrtc, "pdl": pdl, "rounding": rounding}
 VARIANTS = {
     "base": {},
     "fp32-dense": {"ops": FP32},
     "no-gram": {"ops": {"hc_gram": False}},
-    "gathered-16x32": {"gathered": (16, 32, 128)},
-    "attend-ieee": {"dot": "ieee"},
-    "no-pdl": {"pdl": False},
-    "pdl-small": {"pdl_max": 264},          # grids of at most two waves of 132 SMs
+    "gathered-16x32": {"set": {"attend.GATHERED_BLOCKS": (16, 32, 128)}},
+    "attend-ieee": {"set": {"attend.DOT_PRECISION": "ieee"}},
+    "qk-split-1": {"set": {"attend.QK_SPLIT": 1}},
+    "index-ieee": {"set": {"rounding.INDEX_SCORE_DOT": "ieee", "rounding.INDEX_SCORE_HEADS": 16}},
+    "iq2-warp-per-row": {"set": {"moe_nvrtc.KERNEL": "warp_per_row"}},
+    "iq2-rows": {"set": {"moe_nvrtc.KERNEL": "rows"}},
+    "no-pdl": {"set": {"pdl.ENABLED": False}},
+    "pdl-small": {"set": {"pdl.MAX_PROGRAMS": 264}},          # grids of at most two waves of 132 SMs
 }
+
+
+def switch(settings: dict) -> dict:
+    """Set "module.NAME" switches; -> the previous values (to restore with the same call)."""
+    old = {}
+    for key, value in settings.items():
+        mod, name = key.split(".")
+        old[key] = getattr(MODULES[mod], name)
+        setattr(MODULES[mod], name, value)
+    return old
 
 
 def main() -> None:
@@ -44,8 +60,7 @@ def main() -> None:
     p.add_argument("--only", nargs="*", default=None)
     args = p.parse_args()
     engine = CudaEngine.dummy(flash_config(args.layers), EngineOptions(backend="cuda"))
-    production, blocks, dot = engine.model.ops, attend.GATHERED_BLOCKS, attend.DOT_PRECISION
-    pdl_on, pdl_max = pdl.ENABLED, pdl.MAX_PROGRAMS
+    production = engine.model.ops
     gen = torch.Generator(device="cuda").manual_seed(0)
     res: dict = {}
     for ctx in args.ctx:
@@ -53,18 +68,16 @@ def main() -> None:
             for name in args.only or list(VARIANTS):
                 v = VARIANTS[name]
                 engine.model.ops = dataclasses.replace(production, **v.get("ops", {}))
-                attend.GATHERED_BLOCKS = v.get("gathered", blocks)
-                attend.DOT_PRECISION = v.get("dot", dot)
-                pdl.ENABLED, pdl.MAX_PROGRAMS = v.get("pdl", pdl_on), v.get("pdl_max", pdl_max)
+                old = switch(v.get("set", {}))
                 session = engine.new_session(ctx=ctx + 64)
                 fill_state(session, ctx, gen)
                 ms = time_graph(session, args.steps)
+                switch(old)
                 res.setdefault(f"{ctx}:{name}", []).append(ms)
                 print(f"ctx {ctx} round {r} {name:>20}: {ms:.3f} ms ({1e3 / ms:.1f} tok/s)", flush=True)
                 del session
                 torch.cuda.empty_cache()
-    engine.model.ops, attend.GATHERED_BLOCKS, attend.DOT_PRECISION = production, blocks, dot
-    pdl.ENABLED, pdl.MAX_PROGRAMS = pdl_on, pdl_max
+    engine.model.ops = production
     print(json.dumps({k: min(v) for k, v in res.items()}))
 
 

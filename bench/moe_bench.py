@@ -7,8 +7,11 @@ Bytes per launch = planar bytes of the distinct experts the routing selects (eac
 once is the minimum) + activations in/out. A small (block_n, num_warps, num_stages) sweep per case. Each call
 includes its activation-quantisation launch.
 "layer" cases time gate/up + down back to back (one routed FFN of one layer).
+--nvrtc-kernels times only q2 gate/up (B = 1, 2, 4) once per kernel of kernels/moe_nvrtc.py
+(its KERNEL set for the capture; the rows kernel at ROWS_WARPS 4, 8, 16), on the same weights and
+routing sets: an A/B of the CUDA C kernels.
 
-Usage: PYTHONPATH=.:bench python3 bench/moe_bench.py [--quick]   (human table, then one JSON line)
+Usage: PYTHONPATH=.:bench python3 bench/moe_bench.py [--quick | --nvrtc-kernels]   (human table, then one JSON line)
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 import bandwidth
+from dwarfstar.kernels import moe_nvrtc
 from dwarfstar.kernels.moe import moe_down, moe_gate_up
 from dwarfstar.kernels.repack import planar_nbytes, repack
 from dwarfstar.kernels.synth import random_raw
@@ -32,6 +36,8 @@ LIMIT, LAYERS = 10.0, 43
 # quant name -> (gate/up type, down type)
 QUANTS = {"q2": (T.IQ2_XXS, T.Q2_K), "q4": (T.Q4_K, T.Q4_K)}
 CASES = [("q2", 1), ("q2", 2), ("q2", 4), ("q4", 1), ("q4", 4)]
+NVRTC_TOKENS = (1, 2, 4)
+NVRTC_ROWS_WARPS = (4, 8, 16)
 SWEEP = [(bn, nw, ns) for bn in (4, 8, 16) for nw in (2, 4) for ns in (1, 2, 3)]
 # The down kernel also splits each expert's inputs (partials summed after the launch).
 DOWN_SWEEP = [(bn, nw, ns, sp) for bn in (8, 16, 32) for nw in (2, 4) for ns in (2, 3) for sp in (1, 2, 4)]
@@ -60,15 +66,46 @@ def time_graph(calls) -> float:
     return 1000 * bandwidth.median_ms(graph.replay, rep=100) / LAUNCHES_PER_GRAPH
 
 
+def routing_sets(b, gen) -> tuple[list[torch.Tensor], float]:
+    """N_SETS routings of b tokens (ids int32 [b, TOP_K]) and the mean number of distinct experts per set."""
+    sets = [torch.stack([torch.randperm(N_EXPERTS, generator=gen, device="cuda")[:TOP_K]
+                         for _ in range(b)]).int().contiguous() for _ in range(N_SETS)]
+    return sets, sum(s.unique().numel() for s in sets) / N_SETS
+
+
+def run_nvrtc_kernels(gen, read_gbps):
+    """q2 gate/up at B = NVRTC_TOKENS with each moe_nvrtc kernel: same weights, sets and bytes per case."""
+    tg = QUANTS["q2"][0]
+    gate, up = (repack(random_raw(tg, (N_EXPERTS, F, D), gen), tg, (N_EXPERTS, F, D)) for _ in range(2))
+    per_gu = (planar_nbytes(gate) + planar_nbytes(up)) // N_EXPERTS
+    default, default_warps, rows = moe_nvrtc.KERNEL, moe_nvrtc.ROWS_WARPS, []
+    # the rows kernel once per block size (one block per SM at 16 warps: one 48 KB table fill per SM)
+    variants = [(k, None) for k in moe_nvrtc.KERNELS if k != "rows"] + [("rows", w) for w in NVRTC_ROWS_WARPS]
+    try:
+        for b in NVRTC_TOKENS:
+            sets, distinct = routing_sets(b, gen)
+            wts = torch.rand(b, TOP_K, generator=gen, device="cuda")
+            x = torch.randn(b, D, generator=gen, device="cuda")
+            mid = torch.empty(b, TOP_K, F, device="cuda")
+            n_bytes = distinct * per_gu + 4 * b * (D + TOP_K * F)
+            for kernel, warps in variants:
+                # gate_up reads KERNEL and ROWS_WARPS at each call: the warm-up and the capture launch this one.
+                moe_nvrtc.KERNEL, moe_nvrtc.ROWS_WARPS = kernel, warps or default_warps
+                us = time_graph([lambda ids=ids: moe_gate_up(gate, up, x, ids, wts, LIMIT, out=mid) for ids in sets])
+                name = f"gate_up {kernel}" + (f" w{warps}" if warps else "")
+                rows.append(row("q2", name, b, n_bytes, us, None, read_gbps, distinct))
+    finally:
+        moe_nvrtc.KERNEL, moe_nvrtc.ROWS_WARPS = default, default_warps
+    return rows
+
+
 def run_quant(quant, n_toks, gen, read_gbps, quick):
     gate, up, down = weights(quant, gen)
     per_gu = (planar_nbytes(gate) + planar_nbytes(up)) // N_EXPERTS
     per_down = planar_nbytes(down) // N_EXPERTS
     rows = []
     for b in n_toks:
-        sets = [torch.stack([torch.randperm(N_EXPERTS, generator=gen, device="cuda")[:TOP_K]
-                             for _ in range(b)]).int().contiguous() for _ in range(N_SETS)]
-        distinct = sum(s.unique().numel() for s in sets) / N_SETS
+        sets, distinct = routing_sets(b, gen)
         wts = torch.rand(b, TOP_K, generator=gen, device="cuda")
         x = torch.randn(b, D, generator=gen, device="cuda")
         mid = torch.randn(b, TOP_K, F, generator=gen, device="cuda")
@@ -103,9 +140,20 @@ def row(quant, kind, b, n_bytes, us, tiling, read_gbps, distinct):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="default tiling only, no sweep")
+    parser.add_argument("--nvrtc-kernels", action="store_true",
+                        help="only q2 gate/up, once per CUDA C kernel (moe_nvrtc.KERNELS)")
     args = parser.parse_args()
     ceilings = {"device": torch.cuda.get_device_name(), "read_gbps": bandwidth.read_bandwidth()}
     gen = torch.Generator(device="cuda").manual_seed(1)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if args.nvrtc_kernels:
+        results = run_nvrtc_kernels(gen, ceilings["read_gbps"])
+        for r in results:
+            print(f"{r['quant']:<4}{r['kind']:<22}B={r['B']}  experts {r['experts_read']:5.1f} "
+                  f"{r['bytes'] / 1e6:8.2f} MB {r['us']:8.2f} us {r['gbps']:7.0f} GB/s {r['pct_read']:5.1f}%")
+        print(f"device {ceilings['device']}: stream read {ceilings['read_gbps']:.0f} GB/s")
+        print(json.dumps({"commit": commit, "ceilings": ceilings, "nvrtc_kernels": results}))
+        return
     results = []
     for quant in QUANTS:
         n_toks = [b for q, b in CASES if q == quant]
@@ -118,7 +166,6 @@ def main() -> None:
     layer = {f"{r['quant']} B={r['B']}": r["us"] * LAYERS / 1e3 for r in results if r["kind"] == "layer"}
     print(f"device {ceilings['device']}: stream read {ceilings['read_gbps']:.0f} GB/s")
     print("routed experts per token (43 layers, ms): " + ", ".join(f"{k} {v:.2f}" for k, v in layer.items()))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(json.dumps({"commit": commit, "ceilings": ceilings, "routed_ms_per_token": layer, "cases": results}))
 
 

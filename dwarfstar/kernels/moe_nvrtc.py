@@ -4,9 +4,7 @@ cannot place well (kernels.md §2, the escape hatch; §4, IQ2_XXS).
 Why: the Triton decoder (kernels/moe.py) gathers each octet's grid row from a global-memory
 table; a warp's 32 random 8-byte gathers touch many L1 lines each, and those gathers, not
 the bytes read, set its speed (35 µs per layer for 26 MB on the H200; a second gather per
-octet for the signs made it 23 % slower). Here the 2 KB grid lives in shared memory and the
-signs are computed (popc parity, multiply spread): 19 µs per layer on the H200, 26 µs when
-the signs also came from a shared-memory table (bank cycles are the limit there too).
+octet for the signs made it 23 % slower). Here the tables live in shared memory.
 
 Contract: `gate_up(gate, up, words, scale, ids, weights, limit, out)` = kernels/moe.py
 `moe_gate_up` for IQ2_XXS gate/up planar [E, F, D] with the activations already quantised
@@ -15,22 +13,75 @@ float32 [B, K], out float32 [B, K, F]. The integer dot of each 32-input group is
 equal to the Triton kernel's; the fp32 sums run in another order (lanes, then a warp
 shuffle tree) and the sigmoid uses expf: agreement with the twin within fp32 rounding.
 
-Layout: one warp per output row (gate and up rows together, so x is loaded once for both),
-lane l takes the 32-input groups l, l + 32, ...; 8 warps per block; grid (F / 8, B K).
-`torch.cuda._compile_kernel` is private API (torch >= 2.11): compiled once per process.
+Kernels (`KERNEL` picks the one `gate_up` launches; same integers and formula):
+- "warp_per_row" (`iq2xxs_gate_up`): one warp per output row (gate and up rows together, so x
+  is loaded once for both), lane l takes the 32-input groups l, l + 32, ...; 8 warps per
+  block; grid (F / 8, B K). The 2 KB grid is one copy in shared memory and the signs are
+  computed (7 stored bits, popc parity for the 8th, a multiply spreads bits to bytes): ~24
+  instructions per octet. A lane has 4 groups of a row; a warp loads its few bytes, waits out
+  the DRAM latency, computes (~900 warp instructions per row) and exits, so no row's loads
+  overlap another's work; 1,536 blocks at 8 per SM are 1.45 waves on 132 SMs. (It took 26 µs,
+  not 19, when its signs came from one shared copy of a sign table: the bank conflicts below.)
+- "rows" (`iq2xxs_gate_up_rows<P, W>`): one wave of long-lived warps that prefetch. Grid
+  (min(R / W * SMs / (B K), F / W), B K) with W = ROWS_WARPS warps per block and R =
+  ROWS_RESIDENT_WARPS per SM (the launch bounds hold a thread to 128 registers so that R stay
+  resident; B K > R / W * SMs: one block per slot, several waves). The warps of a slot take its
+  rows w, w + n, w + 2n, ... (5-6 each at B = 1), so each step of them reads one contiguous
+  stretch of rows. Lane l takes the 16-byte pieces l, l + 32, ... of a row (P = ceil(D / 2048);
+  a piece is 2 groups of 32 inputs in one super-block): a warp's weight loads are 512-byte runs
+  and a lane reads one fp16 d per piece. The token's activations for the lane's pieces (16 words
+  and 2 scales each) are loaded once per warp into registers and serve every row; the next row's
+  pieces and d load into a second register buffer (the two swap roles, no copy) while the
+  current row is computed, so its DRAM latency hides behind this row's work.
+  Both kernels took 20.2 µs at Flash decode shapes (B = 1, K = 6, F = 2048, D = 4096) on the
+  H200 with the ~2 µs quantise launch (bench/moe_bench.py --nvrtc-kernels), 28 % of the stream
+  rate, with the warp_per_row kernel's octet math. Nsight Compute (clocks locked at 1.47 GHz)
+  named two limits: issue (0.74 instructions per scheduler per cycle; 768 of the rows kernel's
+  ~880 per row were the octet dots) and the shared-memory pipe (L1/TEX 73-83 % busy: random
+  8-byte grid lookups into one copy averaged 5.9-way bank conflicts, 2.31 M wavefronts for
+  393 K requests). So the rows kernel now keeps both tables as 16 interleaved copies in shared
+  memory (entry e of copy c at 64-bit word 16 e + c; lane l reads copy l % 16: a half warp hits
+  16 different bank pairs, 2 wavefronts per lookup, the least for 64 bits) and looks up each
+  octet's sign mask (`iq2xxs_sign_masks`, 128 entries of 8 bytes 0x00 / 0xFF) instead of
+  computing it: per 4 weights one xor and two dp4a, dp4a(g ^ m, x) - dp4a(m, x). SASS (sm_90):
+  231 instructions per 16-octet piece with its scales (was 383), ~580 per row (was ~900). The
+  copies take 32 + 16 KB, the static limit of a block, written in the prologue while the first
+  row's loads are in flight; at W = 8, 2 blocks of 49 KB (1 KB is the driver's) fit in an SM's
+  228 KB, 16 warps per SM. 128 registers, no spills. On the H200 (bench/moe_bench.py
+  --nvrtc-kernels, B = 1 / 2 / 4, with the quantise launch): W = 8 15.7 / 26.6 / 45.8 µs, W = 4
+  17.0 / 28.8 / 49.4, W = 16 17.4 / 27.6 / 49.6, warp_per_row 20.1 / 36.6 / 66.1; the whole 2K
+  decode step 6.17 -> 6.01 ms at W = 4 (bench/decode_variants.py).
+Both grids depend only on shapes and the device, never on ids (CUDA graphs replay them).
+`torch.cuda._compile_kernel` is private API (torch >= 2.11): compiled once per process and kernel.
 """
 
 from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
+from gguf.quants import IQ2_XXS
 
 from dwarfstar.kernels.repack import PlanarIQ2XXS
 
-ROWS_PER_BLOCK = 8   # warps per block, one row each
+# The kernel `gate_up` launches: "rows" (prefetching warps over several rows of one slot) or
+# "warp_per_row" (the first design); both stay for A/B timing (bench/moe_bench.py --nvrtc-kernels).
+KERNELS = ("rows", "warp_per_row")
+KERNEL = "rows"
+ROWS_PER_BLOCK = 8   # warp_per_row: warps per block, one row each
+# rows: warps per block (a template argument: any divisor of ROWS_RESIDENT_WARPS, read at each call)
+ROWS_WARPS = 8
+# rows: resident warps per SM the launch bounds hold (65536 registers / (32 x 128 registers a thread))
+# and the grid is sized for: ROWS_RESIDENT_WARPS / ROWS_WARPS blocks per SM. Each block's 48 KB of
+# table copies (+ 1 KB the driver reserves) keep up to 4 blocks within the 228 KB of an SM.
+ROWS_RESIDENT_WARPS = 16
+# rows: the inputs of a row that one piece (64 inputs) per lane covers; P = ceil(D / this).
+_INPUTS_PER_WARP_PIECE = 32 * 64
 
-_SOURCE = r"""
+_SOURCE = f"""
+#define ROWS_RESIDENT_WARPS {ROWS_RESIDENT_WARPS}
+""" + r"""
 __device__ __forceinline__ float half_bits_to_float(unsigned short u) {
     float f;
     asm("{ .reg .b16 h; mov.b16 h, %1; cvt.f32.f16 %0, h; }" : "=f"(f) : "h"(u));
@@ -50,6 +101,38 @@ __device__ __forceinline__ int octet_dot(const unsigned long long* tab, int gw, 
     const unsigned mlo = blo * 255u, mhi = bhi * 255u;
     acc = __dp4a((int)(((unsigned)g8 ^ mlo) + blo), xa, acc);
     return __dp4a((int)(((unsigned)(g8 >> 32) ^ mhi) + bhi), xb, acc);
+}
+
+// The exact integer dot of one 32-input group (words gw, sw) with its 8 activation words x[0..7].
+__device__ __forceinline__ int group_dot(const unsigned long long* tab, int gw, int sw, const int* x) {
+    int acc = 0;
+    #pragma unroll
+    for (int j = 0; j < 4; ++j) acc = octet_dot(tab, gw, sw, j, x[2 * j], x[2 * j + 1], acc);
+    return acc;
+}
+
+// The group's weight scale: the super-block's d times (0.5 + its 4-bit scale) / 4.
+__device__ __forceinline__ float group_scale(unsigned short d, int sw) {
+    return half_bits_to_float(d) * (0.5f + (float)((sw >> 28) & 15)) * 0.25f;
+}
+
+// Sums each lane's partial gate and up dots over the warp (every lane gets the totals).
+__device__ __forceinline__ void warp_sum2(float& acc_g, float& acc_u) {
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        acc_g += __shfl_xor_sync(0xffffffffu, acc_g, o);
+        acc_u += __shfl_xor_sync(0xffffffffu, acc_u, o);
+    }
+}
+
+// The row's output wt * silu(min(g, limit)) * clamp(u, -limit, limit) (no clamp unless has_limit).
+__device__ __forceinline__ float clamped_swiglu(float g, float u, float wt, double limit_d, int has_limit) {
+    if (has_limit) {
+        const float limit = (float)limit_d;
+        g = fminf(g, limit);
+        u = fminf(fmaxf(u, -limit), limit);
+    }
+    return wt * (g / (1.0f + expf(-g))) * u;
 }
 
 extern "C" __global__ void iq2xxs_gate_up(
@@ -86,37 +169,232 @@ extern "C" __global__ void iq2xxs_gate_up(
         const int4 xb = *reinterpret_cast<const int4*>(xr + 8 * g + 4);
         const int xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
         int sg = 0, su = 0;
+        // gate and up octets interleaved, not two group_dot calls: those take NVRTC 13 from 40 to 48
+        // registers here (5 resident blocks per SM instead of 8)
         #pragma unroll
         for (int j = 0; j < 4; ++j) {
             sg = octet_dot(tab, pg.x, pg.y, j, xv[2 * j], xv[2 * j + 1], sg);
             su = octet_dot(tab, pu.x, pu.y, j, xv[2 * j], xv[2 * j + 1], su);
         }
-        const int sb = g >> 3;
         const float xsc = xsr[g];
-        const float dg = half_bits_to_float(gd[rw + sb]) * (0.5f + (float)((pg.y >> 28) & 15)) * 0.25f;
-        const float du = half_bits_to_float(ud[rw + sb]) * (0.5f + (float)((pu.y >> 28) & 15)) * 0.25f;
-        acc_g += (float)sg * dg * xsc;
-        acc_u += (float)su * du * xsc;
+        acc_g += (float)sg * group_scale(gd[rw + (g >> 3)], pg.y) * xsc;
+        acc_u += (float)su * group_scale(ud[rw + (g >> 3)], pu.y) * xsc;
+    }
+    warp_sum2(acc_g, acc_u);
+    if (lane == 0) mid[(long long)slot * F + row] = clamped_swiglu(acc_g, acc_u, wts[slot], limit_d, has_limit);
+}
+
+// The rows kernel's tables live in shared memory as TABLE_COPIES interleaved copies: entry e of copy c is
+// 64-bit word TABLE_COPIES e + c, and lane l reads copy l % 16. A warp's 64-bit load is served a half warp
+// at a time, so its 16 lanes hit 16 different bank pairs whichever entries they pick: 2 wavefronts per load
+// (the least for 64 bits) where one shared copy of the grid averaged 5.9.
+#define TABLE_COPIES 16
+#define GRID_ENTRIES 256
+#define SIGN_ENTRIES 128
+// An entry's 16 copies span 128 bytes: entry e starts at byte e << ENTRY_SHIFT.
+#define ENTRY_SHIFT 7
+static_assert(8 * TABLE_COPIES == 1 << ENTRY_SHIFT, "an entry's copies are 1 << ENTRY_SHIFT bytes");
+
+// Fills rep with the TABLE_COPIES copies of src's N entries. Thread t takes entries t, t + THREADS, ... and
+// stores each as 8 16-byte chunks of 2 copies; chunk c of entry e goes to position c ^ (e % 8), so the 8
+// lanes of a quarter warp (8 consecutive entries: one phase of a 16-byte store) hit 8 different bank quads.
+template <int THREADS, int N>
+__device__ __forceinline__ void fill_copies(unsigned long long* rep, const unsigned long long* __restrict__ src) {
+    constexpr int per_thread = (N + THREADS - 1) / THREADS;
+    unsigned long long v[per_thread];
+    #pragma unroll
+    for (int k = 0; k < per_thread; ++k) {
+        const int e = threadIdx.x + k * THREADS;
+        if (e < N) v[k] = src[e];
     }
     #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        acc_g += __shfl_xor_sync(0xffffffffu, acc_g, o);
-        acc_u += __shfl_xor_sync(0xffffffffu, acc_u, o);
-    }
-    if (lane == 0) {
-        if (has_limit) {
-            const float limit = (float)limit_d;
-            acc_g = fminf(acc_g, limit);
-            acc_u = fminf(fmaxf(acc_u, -limit), limit);
+    for (int k = 0; k < per_thread; ++k) {
+        const int e = threadIdx.x + k * THREADS;
+        // byte offset of chunk 0's position; e << ENTRY_SHIFT leaves bits 4-6 free for the xor
+        const unsigned first = (e << ENTRY_SHIFT) | ((e & 7) << 4);
+        const ulonglong2 vv = make_ulonglong2(v[k], v[k]);
+        if (e < N) {
+            #pragma unroll
+            for (int c = 0; c < TABLE_COPIES / 2; ++c)
+                *reinterpret_cast<ulonglong2*>(reinterpret_cast<char*>(rep) + (first ^ (c << 4))) = vv;
         }
-        mid[(long long)slot * F + row] = wts[slot] * (acc_g / (1.0f + expf(-acc_g))) * acc_u;
+    }
+}
+
+// Byte offset, in a replicated table, of this lane's copy (lane_off = 8 (lane % 16)) of entry
+// (w >> lo) & (mask >> ENTRY_SHIFT): one shift puts the field at bit ENTRY_SHIFT, one LOP3 masks and ors.
+__device__ __forceinline__ unsigned rep_offset(unsigned w, int lo, unsigned mask, unsigned lane_off) {
+    const unsigned f = lo <= ENTRY_SHIFT ? w << (ENTRY_SHIFT - lo) : w >> (lo - ENTRY_SHIFT);
+    return (f & mask) | lane_off;
+}
+
+// pos, neg + octet j of a group (grid word gw, sign + scale word sw) against the 8 int8 activations in xa,
+// xb, from the replicated grid and sign-mask tables. A mask byte is 0xFF where the weight is negative, so
+// byte g ^ m is g or ~g = -g - 1 and the signed octet dot is dp4a(g ^ m, x) - dp4a(m, x) (m's bytes read
+// as 0 / -1): pos takes the first, neg the second. That is 3 instructions per 4 bytes (1 LOP3, 2 dp4a);
+// forming the signed bytes, (g ^ m) + (m & 0x01010101), before one dp4a takes 4 (2 of them ALU).
+__device__ __forceinline__ void octet_dot_rep(const char* grid, const char* signs, unsigned gw, unsigned sw,
+                                              int j, unsigned lane_off, int xa, int xb, int& pos, int& neg) {
+    const uint2 g = *reinterpret_cast<const uint2*>(grid + rep_offset(gw, 8 * j, 255u << ENTRY_SHIFT, lane_off));
+    const uint2 m = *reinterpret_cast<const uint2*>(signs + rep_offset(sw, 7 * j, 127u << ENTRY_SHIFT, lane_off));
+    pos = __dp4a((int)(g.x ^ m.x), xa, pos);
+    pos = __dp4a((int)(g.y ^ m.y), xb, pos);
+    neg = __dp4a((int)m.x, xa, neg);
+    neg = __dp4a((int)m.y, xb, neg);
+}
+
+// group_dot from the replicated tables: the same integer.
+__device__ __forceinline__ int group_dot_rep(const char* grid, const char* signs, int gw, int sw,
+                                             unsigned lane_off, const int* x) {
+    int pos = 0, neg = 0;
+    #pragma unroll
+    for (int j = 0; j < 4; ++j) octet_dot_rep(grid, signs, gw, sw, j, lane_off, x[2 * j], x[2 * j + 1], pos, neg);
+    return pos - neg;
+}
+
+// One row's weights as one lane of the rows kernel holds them: its P pieces (16 bytes = the
+// grid and sign words of 2 groups) of the gate and up rows and their super-blocks' d.
+template <int P> struct RowPieces {
+    int4 g[P], u[P];
+    unsigned dg[P], du[P];
+};
+
+// The lane's pieces of the row starting at super-block sb: piece p = lane + 32 j of the row's D / 64
+// lies in super-block sb + p / 4.
+template <int P>
+__device__ __forceinline__ void load_row(RowPieces<P>& w, const int4* __restrict__ gw4, const int4* __restrict__ uw4,
+                                         const unsigned short* __restrict__ gd, const unsigned short* __restrict__ ud,
+                                         long long sb, int lane, int n_pieces) {
+    const int4* g = gw4 + sb * 4 + lane;
+    const int4* u = uw4 + sb * 4 + lane;
+    const unsigned short* dg = gd + sb + (lane >> 2);
+    const unsigned short* du = ud + sb + (lane >> 2);
+    #pragma unroll
+    for (int j = 0; j < P; ++j) {
+        if (lane + 32 * j < n_pieces) {
+            w.g[j] = g[32 * j];
+            w.u[j] = u[32 * j];
+            w.dg[j] = dg[8 * j];
+            w.du[j] = du[8 * j];
+        }
+    }
+}
+
+// One row from the lane's pieces w, activation words x and scales xsc: lane 0 writes it to dst.
+template <int P>
+__device__ __forceinline__ void row_out(const char* grid, const char* signs, unsigned lane_off,
+                                        const RowPieces<P>& w, const int (&x)[P][16], const float (&xsc)[P][2],
+                                        int lane, int n_pieces, float wt, double limit_d, int has_limit, float* dst) {
+    float acc_g = 0.f, acc_u = 0.f;
+    #pragma unroll
+    for (int j = 0; j < P; ++j) {
+        if (lane + 32 * j < n_pieces) {
+            const int4 g = w.g[j], u = w.u[j];
+            const int sg0 = group_dot_rep(grid, signs, g.x, g.y, lane_off, x[j]);
+            const int sg1 = group_dot_rep(grid, signs, g.z, g.w, lane_off, x[j] + 8);
+            const int su0 = group_dot_rep(grid, signs, u.x, u.y, lane_off, x[j]);
+            const int su1 = group_dot_rep(grid, signs, u.z, u.w, lane_off, x[j] + 8);
+            acc_g += (float)sg0 * group_scale(w.dg[j], g.y) * xsc[j][0];
+            acc_g += (float)sg1 * group_scale(w.dg[j], g.w) * xsc[j][1];
+            acc_u += (float)su0 * group_scale(w.du[j], u.y) * xsc[j][0];
+            acc_u += (float)su1 * group_scale(w.du[j], u.w) * xsc[j][1];
+        }
+    }
+    warp_sum2(acc_g, acc_u);
+    if (lane == 0) *dst = clamped_swiglu(acc_g, acc_u, wt, limit_d, has_limit);
+}
+
+// iq2xxs_gate_up's arguments plus the sign masks, same results. Block (x, s) of grid (n / WARPS, B K):
+// warp w = x WARPS + warp index of slot s computes rows w, w + n, ... with the next row's pieces in flight
+// while it computes the current one. The launch bounds keep ROWS_RESIDENT_WARPS warps per SM (128 registers).
+template <int P, int WARPS>
+__global__ void __launch_bounds__(32 * WARPS, ROWS_RESIDENT_WARPS / WARPS) iq2xxs_gate_up_rows(
+    const int* __restrict__ gw, const unsigned short* __restrict__ gd,
+    const int* __restrict__ uw, const unsigned short* __restrict__ ud,
+    const unsigned long long* __restrict__ table, const unsigned long long* __restrict__ sign_masks,
+    const int* __restrict__ ids, const float* __restrict__ wts,
+    const int* __restrict__ xw, const float* __restrict__ xs,
+    float* __restrict__ mid, int F, int D, int K, double limit_d, int has_limit)
+{
+    // 32 KB + 16 KB: the 48 KB a block may declare statically.
+    __shared__ __align__(16) unsigned long long grid_rep[GRID_ENTRIES * TABLE_COPIES];
+    __shared__ __align__(16) unsigned long long sign_rep[SIGN_ENTRIES * TABLE_COPIES];
+    const int lane = threadIdx.x & 31;
+    const unsigned lane_off = (lane & (TABLE_COPIES - 1)) * 8u;
+    const int slot = blockIdx.y;
+    const int n_warps = gridDim.x * WARPS;
+    int row = blockIdx.x * WARPS + (threadIdx.x >> 5);
+    const long long e = ids[slot];
+    const long long tok = slot / K;
+    const int kb = D >> 8;
+    const int n_pieces = D >> 6;
+    const int4* gw4 = reinterpret_cast<const int4*>(gw);
+    const int4* uw4 = reinterpret_cast<const int4*>(uw);
+    // super-block index of the next row to load, and the step to the warp's row after it
+    long long sb = (e * F + row) * kb;
+    const long long sb_step = (long long)n_warps * kb;
+    // The first row's loads go out before the activations and the tables so their latencies overlap,
+    // and the 48 KB of table copies are written while those loads are in flight.
+    RowPieces<P> a, b;
+    if (row < F) load_row<P>(a, gw4, uw4, gd, ud, sb, lane, n_pieces);
+    sb += sb_step;
+    int x[P][16];
+    float xsc[P][2];
+    #pragma unroll
+    for (int j = 0; j < P; ++j) {
+        const int p = lane + 32 * j;
+        if (p < n_pieces) {
+            const int4* xp = reinterpret_cast<const int4*>(xw + tok * (D >> 2) + 16 * p);
+            #pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int4 v = xp[q];
+                x[j][4 * q] = v.x, x[j][4 * q + 1] = v.y, x[j][4 * q + 2] = v.z, x[j][4 * q + 3] = v.w;
+            }
+            const float2 s = *reinterpret_cast<const float2*>(xs + tok * (D >> 5) + 2 * p);
+            xsc[j][0] = s.x, xsc[j][1] = s.y;
+        }
+    }
+    const float wt = wts[slot];
+    fill_copies<32 * WARPS, GRID_ENTRIES>(grid_rep, table);
+    fill_copies<32 * WARPS, SIGN_ENTRIES>(sign_rep, sign_masks);
+    __syncthreads();
+    const char* grid = reinterpret_cast<const char*>(grid_rep);
+    const char* signs = reinterpret_cast<const char*>(sign_rep);
+    float* out = mid + (long long)slot * F;
+    // Buffers a and b take turns (copying one into the other would cost ~25 moves per row):
+    // the next row loads into one while the row in the other is computed.
+    while (row < F) {
+        if (row + n_warps < F) load_row<P>(b, gw4, uw4, gd, ud, sb, lane, n_pieces);
+        sb += sb_step;
+        row_out<P>(grid, signs, lane_off, a, x, xsc, lane, n_pieces, wt, limit_d, has_limit, out + row);
+        row += n_warps;
+        if (row >= F) break;
+        if (row + n_warps < F) load_row<P>(a, gw4, uw4, gd, ud, sb, lane, n_pieces);
+        sb += sb_step;
+        row_out<P>(grid, signs, lane_off, b, x, xsc, lane, n_pieces, wt, limit_d, has_limit, out + row);
+        row += n_warps;
     }
 }
 """
 
+
 @functools.lru_cache(maxsize=None)
-def _kernel():
-    return torch.cuda._compile_kernel(_SOURCE, "iq2xxs_gate_up")
+def iq2xxs_sign_masks(device: str) -> torch.Tensor:
+    """int64 [128]: for the 7 stored sign bits s of an octet, byte i = 0xFF where element i is negative
+    (bit i of gguf-py's ksigns[s], whose bit 7 is the parity of s), else 0."""
+    bits = np.unpackbits(np.frombuffer(IQ2_XXS.ksigns, dtype=np.uint8)[:, None], axis=1, bitorder="little")
+    masks = np.ascontiguousarray(bits * np.uint8(0xFF))  # [128, 8]: byte i of entry s
+    return torch.from_numpy(masks.view(np.int64).reshape(128).copy()).to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(name: str):
+    return torch.cuda._compile_kernel(_SOURCE, name)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def usable(w, x: torch.Tensor) -> bool:
@@ -126,14 +404,26 @@ def usable(w, x: torch.Tensor) -> bool:
 
 def gate_up(gate: PlanarIQ2XXS, up: PlanarIQ2XXS, words: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor,
             weights: torch.Tensor, limit: float, out: torch.Tensor) -> torch.Tensor:
-    """The launch (checks are the caller's, kernels/moe.py moe_gate_up)."""
+    """The launch of the `KERNEL` variant (checks are the caller's, kernels/moe.py moe_gate_up)."""
     from dwarfstar.kernels.moe import iq2xxs_grid64
 
     table = iq2xxs_grid64(str(words.device))
     _, f, d = gate.shape
     n_tok, k = ids.shape
-    grid = ((f + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, n_tok * k, 1)
-    _kernel()(grid=grid, block=(32 * ROWS_PER_BLOCK, 1, 1),
-              args=[gate.words, gate.d, up.words, up.d, table, ids, weights, words, scale, out,
-                    f, d, k, float(limit), int(limit > 0)])
+    args = [gate.words, gate.d, up.words, up.d, table, ids, weights, words, scale, out,
+            f, d, k, float(limit), int(limit > 0)]
+    if KERNEL == "warp_per_row":
+        grid = ((f + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, n_tok * k, 1)
+        _kernel("iq2xxs_gate_up")(grid=grid, block=(32 * ROWS_PER_BLOCK, 1, 1), args=args)
+        return out
+    assert KERNEL == "rows", f"moe_nvrtc.KERNEL {KERNEL!r} is not one of {KERNELS}"
+    assert ROWS_RESIDENT_WARPS % ROWS_WARPS == 0, f"ROWS_WARPS {ROWS_WARPS} does not divide {ROWS_RESIDENT_WARPS}"
+    args.insert(5, iq2xxs_sign_masks(str(words.device)))
+    # One wave split evenly over the slots, and no block without a row.
+    per_sm = ROWS_RESIDENT_WARPS // ROWS_WARPS
+    blocks = max(1, per_sm * _sm_count(words.device.index) // (n_tok * k))
+    blocks = min(blocks, (f + ROWS_WARPS - 1) // ROWS_WARPS)
+    pieces = (d + _INPUTS_PER_WARP_PIECE - 1) // _INPUTS_PER_WARP_PIECE
+    kernel = _kernel(f"iq2xxs_gate_up_rows<{pieces},{ROWS_WARPS}>")
+    kernel(grid=(blocks, n_tok * k, 1), block=(32 * ROWS_WARPS, 1, 1), args=args)
     return out

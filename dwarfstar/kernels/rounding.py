@@ -167,16 +167,21 @@ def index_round(x: torch.Tensor, h: torch.Tensor, fp4: bool, half: bool) -> torc
 # The grid is fixed by cap (graph capture), one small block of rows per program so that a
 # short context still spreads over the SMs; a block wholly past the visible count (read on
 # the device) only stores -inf, so the cost follows the filled rows, not the allocation.
-# The heads go through the ieee dot (no tf32) in chunks, which keeps the program in
-# registers (one [d_I, rows] tile and a [heads, d_I] chunk, ~36 registers at d_I = 128).
+# The heads go through tl.dot in chunks of INDEX_SCORE_HEADS (one [d_I, rows] tile and a
+# [heads, d_I] chunk in registers) at INDEX_SCORE_DOT precision: "tf32x3" (three tf32
+# tensor-core products, ~fp32 accuracy, as the decode attention) or "ieee" (fp32 FMA).
+# On ratio-4 layers the indexer branch (compressors, index query, these scores, the top-k)
+# is longer than the query heads' mat-vec it runs beside, so its latency is the layer's.
 
 INDEX_SCORE_ROWS = 16
-INDEX_SCORE_HEADS = 16
+INDEX_SCORE_HEADS = 64
+INDEX_SCORE_DOT = "tf32x3"
 
 
 @triton.jit
 def _index_score_kernel(q_ptr, w_ptr, rows_ptr, pos_ptr, out_ptr, CAP, H, denom, R: tl.constexpr,
-                        HC: tl.constexpr, D: tl.constexpr, BC: tl.constexpr, PDL: tl.constexpr = False):
+                        HC: tl.constexpr, D: tl.constexpr, BC: tl.constexpr, DOT: tl.constexpr,
+                        PDL: tl.constexpr = False):
     wait_for_inputs(PDL)
     c0 = tl.program_id(0) * BC
     c = c0 + tl.arange(0, BC)
@@ -190,7 +195,7 @@ def _index_score_kernel(q_ptr, w_ptr, rows_ptr, pos_ptr, out_ptr, CAP, H, denom,
             hh = h0 + tl.arange(0, HC)
             hm = hh < H
             q = tl.load(q_ptr + hh[:, None] * D + d[None, :], mask=hm[:, None], other=0.0)            # [HC, D]
-            s = tl.maximum(tl.dot(q, k, input_precision="ieee"), 0.0)                                # [HC, BC]
+            s = tl.maximum(tl.dot(q, k, input_precision=DOT), 0.0)                                   # [HC, BC]
             w = tl.load(w_ptr + hh, mask=hm, other=0.0) / denom
             sc += tl.sum(w[:, None] * s, axis=0)
         tl.store(out_ptr + c, tl.where(vis, sc, float("-inf")), mask=c < CAP)
@@ -207,6 +212,6 @@ def index_scores(q, wts, rows, pos, r: int, denom: float) -> torch.Tensor:
     out = torch.empty(1, cap, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(cap, INDEX_SCORE_ROWS),)
     _index_score_kernel[grid](q, wts, rows, pos, out, cap, n_h, denom, R=r,
-                              HC=INDEX_SCORE_HEADS, D=d, BC=INDEX_SCORE_ROWS,
-                              **pdl.launch(grid), num_warps=4)
+                              HC=min(INDEX_SCORE_HEADS, max(16, triton.next_power_of_2(n_h))), D=d,
+                              BC=INDEX_SCORE_ROWS, DOT=INDEX_SCORE_DOT, **pdl.launch(grid), num_warps=4)
     return out

@@ -4,6 +4,7 @@ the reference rounding (numerics.fp4_sim, hadamard, half_round) and the forward'
 import pytest
 import torch
 
+from dwarfstar.kernels import rounding
 from dwarfstar.kernels.rounding import index_round, index_scores
 from dwarfstar.model.numerics import _hadamard_matrix, fp4_sim, half_round, hadamard
 
@@ -64,7 +65,11 @@ def test_index_scores_match_torch(n_h, cap, pos):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dot,heads", [("tf32x3", 64), ("ieee", 16)])
 @pytest.mark.parametrize("cap,pos", [(32768, 2047), (32768, 131071), (32768, 0), (512, 2047), (8192, 20000)])
-def test_index_scores_flash_shapes_gpu(cap, pos):
-    """Flash: 64 indexer heads of 128, the ratio-4 rows of a 2K / 32K / 131K allocation."""
+def test_index_scores_flash_shapes_gpu(cap, pos, dot, heads, monkeypatch):
+    """Flash: 64 indexer heads of 128, the ratio-4 rows of a 2K / 32K / 131K allocation; the
+    production dot (tf32x3, all heads in one) and the fp32-FMA one in head chunks."""
+    monkeypatch.setattr(rounding, "INDEX_SCORE_DOT", dot)
+    monkeypatch.setattr(rounding, "INDEX_SCORE_HEADS", heads)
     check_index_scores(64, cap, pos, "cuda", seed=pos)
