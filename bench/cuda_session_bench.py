@@ -13,9 +13,12 @@ part, which prefills a real prompt.
    logits of the same step before it (bit-equal).
 3. Time to first token for a `--ttft` token prompt: cold (sync = chunked prefill, then
    logits on the host) vs a cache hit (read the KVC file, restore, logits on the host).
+Before these, the engine's load (dummy weights) and its warm-up (`CudaEngine.warm_up`, with the
+engine's ctx = the TTFT session's) are timed apart; `--no-warmup` skips the warm-up, so with
+`--cross --snap` (no points) the cold TTFT is the process's first prefill: the A/B of the warm-up.
 
 Usage: PYTHONPATH=.:bench python3 bench/cuda_session_bench.py [--layers 43] [--cross 4096 32768 131072]
-       [--snap 32768 131072] [--ttft 30000] [--dir /tmp]
+       [--snap 32768 131072] [--ttft 30000] [--dir /tmp] [--no-warmup]
 Prints lines of results and one JSON line at the end.
 """
 
@@ -187,10 +190,13 @@ def main() -> None:
                    help="TRITON_OPS: fp32 mat-vecs for the Q8_0 products (production: int8 activations)")
     p.add_argument("--q8-tiles", type=int, nargs=5, default=None,
                    help="prefill_q8.TILES for this run (BLOCK_M BLOCK_N BLOCK_K warps stages; prefill_q8_bench.py)")
+    p.add_argument("--no-warmup", action="store_true", help="skip CudaEngine.warm_up (the cold-TTFT A/B)")
     args = p.parse_args()
-    opts = EngineOptions(backend="cuda") if args.prefill_chunk is None else \
-        EngineOptions(backend="cuda", prefill_chunk=args.prefill_chunk)
-    engine = CudaEngine.dummy(flash_config(args.layers), opts)
+    # The warm-up runs below, timed apart from the load; its session has the engine's ctx, the
+    # TTFT session's, so the kernels it loads are specialised as that session's.
+    opts = EngineOptions(backend="cuda", prefill_chunk=args.prefill_chunk, warmup=False,
+                         **({"ctx": args.ttft + 64} if args.ttft else {}))
+    engine, t_load = _sync_time(lambda: CudaEngine.dummy(flash_config(args.layers), opts))
     if args.fp32:
         from dwarfstar.model.forward import TRITON_OPS
 
@@ -199,10 +205,14 @@ def main() -> None:
         from dwarfstar.kernels import prefill_q8
 
         prefill_q8.TILES = tuple(args.q8_tiles)
+    t_warm = None if args.no_warmup else _sync_time(engine.warm_up)[1]
     gen = torch.Generator(device="cuda").manual_seed(0)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"device {torch.cuda.get_device_name()}, layers {args.layers}, commit {commit}", flush=True)
-    res = {"device": torch.cuda.get_device_name(), "layers": args.layers, "commit": commit}
+    warm = "off" if t_warm is None else f"{t_warm:.2f} s"
+    print(f"engine load (dummy weights) {t_load:.2f} s, warm-up {warm}", flush=True)
+    res = {"device": torch.cuda.get_device_name(), "layers": args.layers, "commit": commit, "load_s": t_load,
+           "warmup_s": t_warm}
     with torch.no_grad():
         if args.profile_prefill:
             res["prefill_profile"] = prefill_profile(engine, args.profile_prefill)

@@ -50,6 +50,7 @@ class BenchOptions:
     quality: bool = False
     warm_weights: bool = False
     dummy_weights: str | None = None
+    warmup: bool = True
 
 
 TABLE = [
@@ -73,6 +74,7 @@ TABLE = [
     Flag(("--quality",), "quality"),
     Flag(("--warm-weights",), "warm_weights"),
     Flag(("--dummy-weights",), "dummy_weights", "str"),
+    Flag(("--no-warmup",), "warmup", const=False),
 ]
 
 USAGE = f"""usage: {PROG} (--prompt-file FILE | --chat-prompt-file FILE) [options]
@@ -97,6 +99,8 @@ Prefill and generation throughput at increasing context frontiers; CSV output.
   --dummy-weights q2|q4[:LAYERS]
                            no model file: random Flash-shaped weights made on the GPU
                            (cuda backend; speed only, the text is meaningless to them)
+  --no-warmup              cuda: skip the kernel warm-up at load (the first frontier's
+                           prefill then includes loading the kernels)
   -h, --help               show this help
 
 The text shipped for this is bench/data/paradise_lost.txt, a public-domain book (see
@@ -259,10 +263,11 @@ def _run(opts: BenchOptions) -> int:
 
             experts, layers = _dummy_spec(opts.dummy_weights)
             engine = Engine.load(None, EngineOptions(backend="cuda", ctx=opts.ctx_alloc, dummy_weights=True,
-                                                     dummy_experts=experts, dummy_layers=layers))
+                                                     dummy_experts=experts, dummy_layers=layers,
+                                                     warmup=opts.warmup))
         else:
             engine = load(CliOptions(model=opts.model, ctx=opts.ctx_alloc, backend=opts.backend,
-                                     threads=opts.threads))
+                                     threads=opts.threads, warmup=opts.warmup))
     except Exception as e:
         print(f"{PROG}: failed to load {opts.model}: {e}", file=sys.stderr)
         return 1

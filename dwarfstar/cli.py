@@ -54,6 +54,7 @@ class CliOptions:
     numerics: str = "official"
     backend: str | None = None
     threads: int | None = None
+    warmup: bool = True
     prompt: str | None = None
     prompt_file: str | None = None
     dump_tokens: bool = False
@@ -83,6 +84,7 @@ TABLE = [
     Flag(("--metal",), "backend", const="metal"),
     Flag(("--backend",), "backend", "str"),
     Flag(("-t", "--threads"), "threads", "int"),
+    Flag(("--no-warmup",), "warmup", const=False),
     Flag(("-p", "--prompt"), "prompt", "str"),
     Flag(("--prompt-file",), "prompt_file", "str"),
     Flag(("--dump-tokens",), "dump_tokens"),
@@ -110,6 +112,8 @@ model and engine:
                           official: FP8/FP4 rounding as the official model (default);
                           exact: no rounding simulation (comparisons with transformers)
   -t, --threads N         CPU threads for torch
+  --no-warmup             cuda: skip the kernel warm-up at load (a throwaway prefill and
+                          decode step; without it the first prompt runs slower)
 prompt and generation:
   -p, --prompt TEXT       one-shot prompt (a prompt starting with BOS is a rendered chat)
   --prompt-file FILE      one-shot prompt read from FILE
@@ -297,7 +301,8 @@ def load(opts: CliOptions):
 
     backend = opts.backend or ("cuda" if torch.cuda.is_available() else "cpu")
     engine_backend = "reference" if backend == "cpu" else backend
-    options = EngineOptions(backend=engine_backend, ctx=opts.ctx, numerics=opts.numerics, threads=opts.threads or 0)
+    options = EngineOptions(backend=engine_backend, ctx=opts.ctx, numerics=opts.numerics, threads=opts.threads or 0,
+                            warmup=opts.warmup)
     return with_progress(f"loading {opts.model}", lambda: Engine.load(opts.model, options))
 
 

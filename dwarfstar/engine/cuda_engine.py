@@ -14,6 +14,9 @@ Contract:
   a CUDA graph of `ForwardModel.step` captured on the session's own static state at the
   first eval (`use_graph=False` runs the same step eagerly: diagnostics and CPU runs).
   Snapshots are the reference format (engine/kv.py), so they move between backends.
+- With `options.warmup` (the default) `load` and `dummy` end with `engine.warm_up()`: on a GPU,
+  a throwaway session prefills `warmup_chunks(config, chunk)` synthetic tokens and takes one
+  decode step, so the first user prompt runs at steady speed (see warm_up); off a GPU a no-op.
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ from dwarfstar.engine.kv import DecodeState
 from dwarfstar.engine.session import Progress, common_prefix
 from dwarfstar.gguf import names
 from dwarfstar.gguf.synth import D_OFFSET, DMIN_OFFSET, DMIN_RATIO, RMS_PER_UNIT_SCALE, _rng, float_values, tid2eid
+from dwarfstar.kernels.matvec import MAX_COLS
 from dwarfstar.kernels.repack import PlanarF16, planar_nbytes, repack
 from dwarfstar.model.forward import PRODUCTION_OPS, TWIN_OPS, ForwardModel
-from dwarfstar.shape import ModelConfig
+from dwarfstar.shape import OVERLAP_RATIO, ModelConfig
 
 # Default prefill chunk (tokens): each chunk dequantises every used expert and dense matrix
 # once per layer, so longer chunks amortise that; the chunk's memory is bounded per layer
@@ -40,6 +44,11 @@ from dwarfstar.shape import ModelConfig
 # H200 profile of a 2048-token chunk (docs/PERF.md): 43 % of its kernel time is the experts'
 # fp16 dequantisation, a fixed cost per chunk, hence 4096.
 PREFILL_CHUNK = 4096
+# Triton compiles an int kernel argument as one of three kinds: equal to 1, divisible by this
+# (its alignment hint), or neither; each kind of a chunk's length T is its own kernel variant.
+TRITON_DIVISIBILITY = 16
+# Seed of the warm-up's synthetic token ids (any ids do; a fixed seed makes the run repeatable).
+WARMUP_SEED = 0
 # GGUF names whose 2-D F16 tensors are added, not multiplied (kept as float32).
 _ADDITIVE = ("compressor_ape", "indexer_compressor_ape")
 _EMBED = "token_embd.weight"
@@ -153,6 +162,34 @@ def tensor_bytes(tensors: dict) -> int:
                for t in tensors.values())
 
 
+def warmup_chunks(config: ModelConfig, chunk: int) -> list[int]:
+    """Chunk lengths of the warm-up prefill (CudaEngine.warm_up): every code path and kernel
+    variant the chunks of a real prompt take, in as few tokens as that allows.
+
+    What a chunk's kernels depend on: its length T (the Triton kind of T, see
+    TRITON_DIVISIBILITY; cuBLAS shapes, prefill_moe's batches) and, on ratio-4 layers, whether
+    the context at the chunk's end holds more than index_topk compressed rows (then the indexer
+    scores and selects top-k rows, attended by index; before, every row is). Where the chunk
+    starts only moves data (ring rows, compressor frontier, the attention's runtime bounds).
+    So:
+    - first, MAX_COLS + 1 tokens (the shortest chunk that takes the GEMM path), or the next
+      multiple of TRITON_DIVISIBILITY when `chunk` is none: the other kind of T than the
+      production chunk (a prompt's last chunk has any length), ending with every row attended;
+    - then chunks of the production length `chunk` (the same T as a real chunk), starting on a
+      held context, until one ends with more than index_topk rows (top-k selection).
+    Flash with 4096-token chunks: [9, 4096], about one steady chunk of compute.
+    """
+    # The longest context whose ratio-4 layers hold at most index_topk rows.
+    dense_end = OVERLAP_RATIO * (config.index_topk + 1) - 1
+    first = MAX_COLS + 1
+    while (first % TRITON_DIVISIBILITY == 0) == (chunk % TRITON_DIVISIBILITY == 0):
+        first += 1
+    lengths = [max(1, min(first, dense_end))]
+    while sum(lengths) // OVERLAP_RATIO <= config.index_topk:
+        lengths.append(chunk)
+    return lengths
+
+
 class CudaEngine(Engine):
     @classmethod
     def load(cls, path, options: EngineOptions = EngineOptions(backend="cuda"), ops=None) -> "CudaEngine":
@@ -170,13 +207,69 @@ class CudaEngine(Engine):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         ops = ops or (PRODUCTION_OPS if device == "cuda" else TWIN_OPS)
         model = ForwardModel(config, load_tensors(gguf_file, device), options.numerics, ops)
-        return cls(options, gguf_file, config, tokenizer, model)
+        return cls(options, gguf_file, config, tokenizer, model)._warmed()
 
     @classmethod
     def dummy(cls, config: ModelConfig, options: EngineOptions = EngineOptions(backend="cuda"),
               experts: str = "q2", tokenizer=None) -> "CudaEngine":
         model = ForwardModel(config, dummy_tensors(config, "cuda", experts), options.numerics)
-        return cls(options, None, config, tokenizer, model)
+        return cls(options, None, config, tokenizer, model)._warmed()
+
+    def _warmed(self) -> "CudaEngine":
+        if self.options.warmup:
+            self.warm_up()
+        return self
+
+    def warm_up(self, force: bool = False) -> bool:
+        """Run a prompt's prefill kernels and a decode step once on a throwaway session -> whether
+        it ran.
+
+        Why: a process's first use of each kernel pays for loading it (Triton's modules from its
+        disk cache, or compiling them; cuBLAS's handle, workspace and heuristics; torch's lazily
+        loaded kernels). On an H200 a fresh process's first 4096-token chunk took 1.5-2.4 s
+        against 1.3-1.4 s steady, so the first 16K prompt of a new server missed 3,000 tok/s.
+        Warming at load (as vLLM and SGLang do at startup) moves that cost out of the first request.
+
+        What runs: `warmup_chunks` synthetic tokens in those chunks (the paths and kernel variants
+        of a real prompt's chunks), then one decode step: the graph capture and a replay. The
+        session is `options.ctx` wide (larger only when the warm-up needs more), as new_session()
+        makes them, because kernels also specialise on the context: compressed-row capacities
+        are kernel arguments (prefill attention, the indexer) and set block sizes of the decode
+        attention's combine and top-k. Its state is freed at the end: transient memory of one
+        session of that context, before the caller makes its own.
+
+        No state is left behind: the session and its graph are dropped, the forward's cached
+        activations forgotten (ForwardModel.drop_cached_activations) and the allocator's cached
+        blocks returned. The RoPE tables may have grown (reserve_positions): their rows are per
+        position and equal in a table of any length, so later results are unchanged.
+
+        Off a GPU it does nothing unless `force` (tests): CPU runs use the kernels' twins or the
+        Triton interpreter, with nothing to load, so a warm-up would only cost time.
+        """
+        if self.model.device.type != "cuda" and not force:
+            return False
+        from tqdm import tqdm
+
+        chunks = warmup_chunks(self.config, self.options.prefill_chunk or PREFILL_CHUNK)
+        n = sum(chunks)
+        gen = torch.Generator().manual_seed(WARMUP_SEED)
+        tokens = torch.randint(0, self.config.vocab_size, (n + 1,), generator=gen).tolist()
+        session = self.new_session(ctx=max(self.options.ctx, n + 1))
+        with torch.no_grad(), tqdm(total=n + 1, desc="warm-up", unit="tok") as bar:
+            t0 = 0
+            for t in chunks:
+                self.model.prefill(session.state, tokens[t0:t0 + t])
+                t0 += t
+                bar.update(t)
+            session.eval(tokens[n])
+            if self.model.device.type == "cuda":
+                torch.cuda.synchronize(self.model.device)
+            bar.update(1)
+        del session
+        self.model.drop_cached_activations()
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return True
 
     def new_session(self, ctx: int | None = None, use_graph: bool | None = None) -> "CudaSession":
         if use_graph is None:

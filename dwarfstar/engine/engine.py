@@ -48,6 +48,9 @@ class EngineOptions:
     dummy_weights: bool = False
     dummy_experts: str = "q2"
     dummy_layers: int | None = None
+    # Backend "cuda" on a GPU only: run a throwaway prefill + decode step at load so the first
+    # prompt finds every kernel loaded (CudaEngine.warm_up); off: `--no-warmup`.
+    warmup: bool = True
 
 
 class Engine:

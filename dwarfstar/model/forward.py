@@ -302,6 +302,14 @@ class ForwardModel:
             torch.cuda.current_stream().wait_stream(self._branch)
             self._forked = False
 
+    def drop_cached_activations(self) -> None:
+        """Forget the activations kept between calls (`_last_merged`, `_quantized`, `_hc_partials`):
+        after a dropped session's graph capture they point into its private memory pool and keep
+        it alive. Each is refilled by the next forward and matched by identity, so no result changes."""
+        self._last_merged = None
+        self._quantized.clear()
+        self._hc_partials = None
+
     def reserve_positions(self, n: int) -> None:
         """RoPE tables for positions < n (call before capturing a step that reaches them)."""
         if not self.ops.glue:

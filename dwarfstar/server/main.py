@@ -67,7 +67,8 @@ def load_engine(options: ServerOptions):
     from dwarfstar.engine.engine import Engine, EngineOptions
 
     try:
-        return Engine.load(options.model, EngineOptions(backend=_backend(options), ctx=options.ctx))
+        return Engine.load(options.model, EngineOptions(backend=_backend(options), ctx=options.ctx,
+                                                        warmup=options.warmup))
     except Exception as err:  # any load failure is one line to the user, not a traceback
         raise StartupError(f"{PROG}: cannot open {options.model}: {err}") from None
 

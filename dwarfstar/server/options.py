@@ -37,6 +37,7 @@ class ServerOptions:
     chdir: str | None = None
     backend: str | None = None
     threads: int | None = None
+    warmup: bool = True
     mtp: str | None = None
     mtp_draft: int = 1
     mtp_margin: float = 3.0
@@ -72,6 +73,7 @@ engine:
   -t, --threads N           CPU threads
   --backend NAME            cpu | cuda (metal is not supported)
   --cpu / --cuda / --metal  shorthands for --backend
+  --no-warmup               cuda: skip the kernel warm-up at load (the first prompt runs slower)
   --mtp FILE, --mtp-draft N, --mtp-margin F   MTP speculative decoding (accepted; not used yet)
   --quality, --warm-weights, --dir-steering-file FILE,
   --dir-steering-ffn F, --dir-steering-attn F (accepted; not used yet)
@@ -119,6 +121,7 @@ FLAGS = [
     Flag(("--cpu",), "backend", const="cpu"),
     Flag(("--cuda",), "backend", const="cuda"),
     Flag(("--metal",), "backend", const="metal"),
+    Flag(("--no-warmup",), "warmup", const=False),
     Flag(("--mtp",), "mtp", "str"),
     Flag(("--mtp-draft",), "mtp_draft", "int"),
     Flag(("--mtp-margin",), "mtp_margin", "float", lo=0.0, hi=1000.0),

@@ -133,3 +133,20 @@ def test_usage_mentions_every_flag_of_the_table():
     for flag in cli.TABLE:
         if not flag.dest.startswith("_"):
             assert any(name in cli.USAGE for name in flag.names), flag.names
+
+
+def test_no_warmup_reaches_the_engine_options(monkeypatch):
+    """`--no-warmup` (ds4, ds4-server, ds4-bench; dwarfstar's own: ds4 has no such switch) turns
+    off EngineOptions.warmup, the CUDA engine's kernel warm-up at load; on by default."""
+    from dwarfstar import bench
+    from dwarfstar.engine.engine import Engine
+    from dwarfstar.server import main as server_main
+    from dwarfstar.server.options import parse_args as server_args
+
+    seen = []
+    monkeypatch.setattr(Engine, "load", staticmethod(lambda path, options: seen.append(options.warmup)))
+    for argv, want in (([], True), (["--no-warmup"], False)):
+        cli.load(parse_args(["--cpu", *argv]))
+        server_main.load_engine(server_args(argv))
+        assert bench.parse_args(["--prompt-file", "x", *argv]).warmup is want
+        assert seen[-2:] == [want, want]
