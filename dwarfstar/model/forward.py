@@ -230,10 +230,11 @@ class ForwardModel:
         # id(part view) -> (merged weight, first row, end row); the last merged mat-vec result.
         self._part_of: dict[int, tuple[Planar, int, int]] = {}
         self._last_merged: tuple | None = None
-        # Decode runs two independent branches per sublayer on a second stream (`on_branch`);
-        # none off CUDA.
-        self._branch = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._forked = False
+        # Decode runs independent branches of a sublayer on side streams (`on_branch`): level 0
+        # forks from the main stream, level 1 from a level-0 branch; none off CUDA.
+        n_levels = 2 if self.device.type == "cuda" else 0
+        self._branches = [torch.cuda.Stream(self.device) for _ in range(n_levels)]
+        self._forked = [False] * n_levels
         # id(x) -> (x, its int8 form) written by x's producer kernel (hc_split_norm, the glue
         # RMS norm and SwiGLU) for x's int8-activation products; emptied per block.
         self._quantized: dict[int, tuple] = {}
@@ -278,29 +279,32 @@ class ForwardModel:
                     r0 += n
 
     # ---- primitives -------------------------------------------------------------------
-    def on_branch(self, fn: Callable, *args):
-        """fn(*args) on the branch stream, after all work queued so far; `join_branch()` before
-        its result is used. Decode's small kernels leave most of the GPU idle one at a time:
-        the shared expert next to the routed ones and the compressors + indexer next to the
-        query heads overlap instead (as parallel branches of the captured graph).
+    def on_branch(self, fn: Callable, *args, level: int = 0):
+        """fn(*args) on the branch stream of `level`, after all work queued so far on the
+        current stream (the main one for level 0, a level-0 branch for level 1);
+        `join_branch(level)` on that current stream before its result is used. Decode's small
+        kernels leave most of the GPU idle one at a time: the shared expert next to the routed
+        ones, the compressors + indexer next to the query heads, and within that the indexer's
+        query next to the compressors overlap instead (as parallel branches of the captured graph).
 
-        Memory: tensors made here are used by the main stream only after the join, and the
-        next fork waits for the main stream, so the allocator's per-stream reuse of their
+        Memory: tensors made here are used by the forking stream only after the join, and the
+        next fork waits for the forking stream, so the allocator's per-stream reuse of their
         blocks is ordered after their last use; inputs are held by the caller until the join.
         """
-        if self._branch is None:
+        if not self._branches:
             return fn(*args)
-        self._branch.wait_stream(torch.cuda.current_stream())
-        self._forked = True
-        with torch.cuda.stream(self._branch):
+        stream = self._branches[level]
+        stream.wait_stream(torch.cuda.current_stream())
+        self._forked[level] = True
+        with torch.cuda.stream(stream):
             return fn(*args)
 
-    def join_branch(self) -> None:
-        """Main stream waits for the branch, if a branch was forked since the last join (a
-        wait on a stream with no work in this capture would not be part of the graph)."""
-        if self._forked:
-            torch.cuda.current_stream().wait_stream(self._branch)
-            self._forked = False
+    def join_branch(self, level: int = 0) -> None:
+        """The current stream waits for the branch of `level`, if one was forked since the last
+        join (a wait on a stream with no work in this capture would not be part of the graph)."""
+        if self._branches and self._forked[level]:
+            torch.cuda.current_stream().wait_stream(self._branches[level])
+            self._forked[level] = False
 
     def drop_cached_activations(self) -> None:
         """Forget the activations kept between calls (`_last_merged`, `_quantized`, `_hc_partials`):
@@ -638,6 +642,11 @@ class ForwardModel:
         (chunk), or None for every row); the kernels derive visibility from the positions.
         """
         c, w, r = self.config, layer.w, layer.ratio
+        q_index = None
+        if chunk_t0 is None and r == OVERLAP_RATIO and "index" in self.ops.fused:
+            # Decode: the indexer's query heads (their mat-vec, RoPE and rounding) depend on qr
+            # only, so they run beside the compressors, on a branch of this branch.
+            q_index = self.on_branch(self.index_query, qr, positions, w, layer.omega, level=1)
         comp = (w["compressor_wkv"], w["compressor_wgate"], w["compressor_ape"], w["compressor_norm"])
         self.compress(h, positions, chunk_t0, s.comp_kv, s.comp_score, s.comp, comp, r, layer.omega,
                       self.kv_rounding, kv_rows=True)
@@ -662,8 +671,9 @@ class ForwardModel:
                       lambda v: self.index_rounding(v, is_cached=True))
         if chunk_t0 is not None and n_c <= c.index_topk:
             return rows, None if as_indices else visible
-        if chunk_t0 is None and "index" in self.ops.fused:
-            score = self.index_scores_step(qr, h, positions, s.index, w, layer.omega)
+        if q_index is not None:
+            self.join_branch(level=1)
+            score = self.index_scores_step(q_index, h, positions, s.index, w)
         else:
             score = self.index_scores(qr, h, positions, s.index[:n_c], w, layer.omega)
             score = score.masked_fill(~visible, float("-inf"))
@@ -698,15 +708,19 @@ class ForwardModel:
             score = part if score is None else score + part
         return score
 
-    def index_scores_step(self, qr, h, pos, rows, w, omega) -> torch.Tensor:
-        """Decode, kernels/rounding.py: scores [1, cap] of all rows, -inf past the visible ones."""
+    def index_query(self, qr, pos, w, omega) -> torch.Tensor:
+        """Decode: the indexer's rounded query heads [H_I, d_I] from qr [1, q_lora]."""
         c = self.config
-        d_i, n_h = c.index_head_dim, c.index_n_heads
-        q = self.proj(w["indexer_wq_b"], qr).view(1, n_h, d_i)
-        q = self.index_rounding(self.rope(q, pos, omega), is_cached=False)
+        q = self.proj(w["indexer_wq_b"], qr).view(1, c.index_n_heads, c.index_head_dim)
+        return self.index_rounding(self.rope(q, pos, omega), is_cached=False).view(c.index_n_heads, -1)
+
+    def index_scores_step(self, q, h, pos, rows, w) -> torch.Tensor:
+        """Decode, kernels/rounding.py: scores [1, cap] of all rows, -inf past the visible ones,
+        for the query heads `index_query` made."""
+        c = self.config
         wts = self.proj_part(w["indexer_weights_proj"], h)
-        return index_scores_kernel(q.view(n_h, d_i), wts.view(n_h).contiguous(), rows, pos, OVERLAP_RATIO,
-                                   math.sqrt(d_i * n_h))
+        return index_scores_kernel(q, wts.view(c.index_n_heads).contiguous(), rows, pos, OVERLAP_RATIO,
+                                   math.sqrt(c.index_head_dim * c.index_n_heads))
 
     # ---- compressor (model.md §2.4) --------------------------------------------------
     def compress(self, h, positions, chunk_t0, kv_f, score_f, rows, params, r, omega, finish,
