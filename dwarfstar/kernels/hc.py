@@ -253,7 +253,9 @@ GRAM_SLICE = 256
 def _hc_split_gram_kernel(mix_ptr, scale_ptr, base_ptr, x_ptr, gram_ptr, pre_ptr, post_ptr, m_ptr, w_ptr, h_ptr,
                           eps, norm_eps, T, D, hw_ptr, hs_ptr, hq_ptr, N: tl.constexpr, M: tl.constexpr,
                           S: tl.constexpr, ITERS: tl.constexpr, G: tl.constexpr, SLICE: tl.constexpr,
-                          QUANT: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr = False):
+                          QUANT: tl.constexpr, USE_ASM: tl.constexpr, H: tl.constexpr = True,
+                          COMB: tl.constexpr = True, PDL: tl.constexpr = False):
+    """Program (row, part): part < D / SLICE (H) a slice of h; the next one (COMB) post and m."""
     wait_for_inputs(PDL)
     row = tl.program_id(0)
     part = tl.program_id(1)
@@ -266,9 +268,10 @@ def _hc_split_gram_kernel(mix_ptr, scale_ptr, base_ptr, x_ptr, gram_ptr, pre_ptr
     k = N * D
     trace = tl.sum(tl.sum(tl.where(i[:, None] == i[None, :], gram, 0.0), axis=1), axis=0)
     r = 1.0 / tl.sqrt_rn(trace / k + norm_eps)
-    if part == tl.num_programs(1) - 1:
+    h_parts = D // SLICE if H else 0
+    if COMB and part >= h_parts:
         _post_and_comb(mix_ptr, scale_ptr, base_ptr, post_ptr, m_ptr, row, r, eps, T, N, M, S, ITERS)
-    else:
+    elif H:
         a = tl.load(scale_ptr) * (_load_mix(mix_ptr, row, i, T, M, S) * r) + tl.load(base_ptr + i)
         pre = 1.0 / (1.0 + tl.exp(-a)) + eps
         if part == 0:
@@ -286,8 +289,13 @@ def _hc_split_gram_kernel(mix_ptr, scale_ptr, base_ptr, x_ptr, gram_ptr, pre_ptr
 
 
 def hc_split_norm_gram(mix, scale, base, n: int, iters: int, eps: float, x, norm_eps: float, weight, gram,
-                       quantize: bool = False):
-    """(h, post, m[, h's int8 form]) as hc_split_norm, from hc_post's Gram partials (above)."""
+                       quantize: bool = False, parts: str = "all"):
+    """(h, post, m[, h's int8 form]) as hc_split_norm, from hc_post's Gram partials (above).
+
+    parts: "all" in one launch; "h" -> (h[, h's int8 form]) only, "comb" -> (post, m) only: the
+    two halves as separate launches (decode runs the Sinkhorn one on a side stream: post and m
+    are used only by the sublayer's hc_post, h at once), each equal to its share of "all"."""
+    assert parts in ("all", "h", "comb"), parts
     s, t, width = _check_mix(mix, x, scale, base)
     _check_width(width, n)
     d = x.shape[1] // n
@@ -298,20 +306,24 @@ def hc_split_norm_gram(mix, scale, base, n: int, iters: int, eps: float, x, norm
     slice_ = min(GRAM_SLICE, d)
     assert d % slice_ == 0 and slice_ % 32 == 0, f"D = {d}: a multiple of {slice_} (and of 32)"
     dev = mix.device
+    with_h, with_comb = parts != "comb", parts != "h"
     pre = torch.empty(t, n, dtype=torch.float32, device=dev)
-    post = torch.empty(t, n, dtype=torch.float32, device=dev)
-    m = torch.empty(t, n, n, dtype=torch.float32, device=dev)
-    h = torch.empty(t, d, dtype=torch.float32, device=dev)
+    post = torch.empty(t, n, dtype=torch.float32, device=dev) if with_comb else pre
+    m = torch.empty(t, n, n, dtype=torch.float32, device=dev) if with_comb else pre
+    h = torch.empty(t, d, dtype=torch.float32, device=dev) if with_h else pre
     hq = (pre, pre, pre)
-    if quantize:
+    if quantize and with_h:
         assert d % QK_K == 0, "quantised h: D a multiple of 256"
         hq = act_buffers(t, d, dev)
-    grid = (t, d // slice_ + 1)
+    grid = (t, (d // slice_ if with_h else 0) + int(with_comb))
     _hc_split_gram_kernel[grid](
         mix, scale, base, x, gram, pre, post, m, weight, h, eps, norm_eps, t, d, *hq,
-        N=n, M=width, S=s, ITERS=iters, G=g, SLICE=slice_, QUANT=quantize, USE_ASM=dev.type == "cuda",
-        **pdl.launch(grid), num_warps=2)
-    return (h, post, m, hq) if quantize else (h, post, m)
+        N=n, M=width, S=s, ITERS=iters, G=g, SLICE=slice_, QUANT=quantize and with_h, USE_ASM=dev.type == "cuda",
+        H=with_h, COMB=with_comb, **pdl.launch(grid), num_warps=2)
+    if parts == "comb":
+        return post, m
+    out = (h, post, m) if with_comb else (h,)
+    return out + (hq,) if quantize else out
 
 
 # ---- the stream mixes around a sublayer (one launch each) -----------------------------

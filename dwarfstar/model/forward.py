@@ -231,8 +231,10 @@ class ForwardModel:
         self._part_of: dict[int, tuple[Planar, int, int]] = {}
         self._last_merged: tuple | None = None
         # Decode runs independent branches of a sublayer on side streams (`on_branch`): level 0
-        # forks from the main stream, level 1 from a level-0 branch; none off CUDA.
-        n_levels = 2 if self.device.type == "cuda" else 0
+        # forks from the main stream (compressors + indexer, shared expert), level 1 from a
+        # level-0 branch (the indexer's query), level 2 from the main stream (the HC split's
+        # post and Sinkhorn matrix, joined at hc_post); none off CUDA.
+        n_levels = 3 if self.device.type == "cuda" else 0
         self._branches = [torch.cuda.Stream(self.device) for _ in range(n_levels)]
         self._forked = [False] * n_levels
         # id(x) -> (x, its int8 form) written by x's producer kernel (hc_split_norm, the glue
@@ -241,6 +243,8 @@ class ForwardModel:
         # (x, partial sums of squares of its HC rows, their Gram partials) from the last hc_post
         # (Ops.hc_gram).
         self._hc_partials: tuple | None = None
+        # Inputs of the HC split's post + Sinkhorn launch on branch level 2, held until hc_post joins it.
+        self._hc_comb_inputs: tuple | None = None
         for i in range(config.n_layers):
             r = config.compress_ratios[i]
             w = {f: tensors[f"blk.{i}.{g}"] for f, g in _GGUF_OF_FIELD.items() if f"blk.{i}.{g}" in tensors}
@@ -424,7 +428,13 @@ class ForwardModel:
                 quantize = self.ops.q8_matvec is not None and c.dim % QK_K == 0
                 split = (c.hc_sinkhorn_iters, c.hc_eps, rows, c.norm_eps, norm_weight)
                 if gram is not None:
-                    out = hc_split_norm_gram(mix, scale, base, n, *split, gram, quantize=quantize)
+                    # post and m are used only by this sublayer's hc_post: their launch (the
+                    # Sinkhorn iterations, the longest program) runs beside the sublayer.
+                    post, m = self.on_branch(hc_split_norm_gram, mix, scale, base, n, *split, gram, False, "comb",
+                                             level=2)
+                    self._hc_comb_inputs = (mix, gram)
+                    h_part = hc_split_norm_gram(mix, scale, base, n, *split, gram, quantize=quantize, parts="h")
+                    out = (h_part[0], post, m, *h_part[1:])
                 else:
                     out = hc_split_norm(mix, scale, base, n, *split, quantize=quantize)
                 if not quantize:
@@ -450,6 +460,8 @@ class ForwardModel:
 
     def hc_post(self, f, x, post, m, f_add=None):
         """f: the sublayer output [T, D] or its partials [T, P, D]; f_add [T, D] added to it."""
+        self.join_branch(level=2)
+        self._hc_comb_inputs = None
         if self.ops.hc_gram and self.ops.glue and self.ops.hc_split is hc_split and x.shape[0] <= MAX_COLS:
             y, ss, gram = hc_post(f, x, post, m, f_add, sumsq=True, gram=True)
             self._hc_partials = (y, ss, gram)

@@ -224,3 +224,8 @@ def test_hc_split_norm_from_gram_partials(t, d):
     for a, b in zip(hq, quantize_act(fused[0])):
         assert torch.equal(a, b)
     assert torch.equal(hc_split_norm_gram(mix, scale, base, *split, gram)[0], fused[0])
+    # The two halves as separate launches (decode's h now, Sinkhorn on a side stream): bit for bit.
+    h, hq_h = hc_split_norm_gram(mix, scale, base, *split, gram, quantize=True, parts="h")
+    post, m = hc_split_norm_gram(mix, scale, base, *split, gram, parts="comb")
+    for a, b in zip((h, post, m, *hq_h), (*fused, *hq)):
+        assert torch.equal(a, b)
