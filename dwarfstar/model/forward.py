@@ -233,8 +233,9 @@ class ForwardModel:
         # Decode runs independent branches of a sublayer on side streams (`on_branch`): level 0
         # forks from the main stream (compressors + indexer, shared expert), level 1 from a
         # level-0 branch (the indexer's query), level 2 from the main stream (the HC split's
-        # post and Sinkhorn matrix, joined at hc_post); none off CUDA.
-        n_levels = 3 if self.device.type == "cuda" else 0
+        # post and Sinkhorn matrix, joined at hc_post), level 3 from a level-0 branch (the
+        # attention rows' compressor beside the indexer's); none off CUDA.
+        n_levels = 4 if self.device.type == "cuda" else 0
         self._branches = [torch.cuda.Stream(self.device) for _ in range(n_levels)]
         self._forked = [False] * n_levels
         # id(x) -> (x, its int8 form) written by x's producer kernel (hc_split_norm, the glue
@@ -285,7 +286,7 @@ class ForwardModel:
     # ---- primitives -------------------------------------------------------------------
     def on_branch(self, fn: Callable, *args, level: int = 0):
         """fn(*args) on the branch stream of `level`, after all work queued so far on the
-        current stream (the main one for level 0, a level-0 branch for level 1);
+        current stream (the main one for levels 0 and 2, a level-0 branch for levels 1 and 3);
         `join_branch(level)` on that current stream before its result is used. Decode's small
         kernels leave most of the GPU idle one at a time: the shared expert next to the routed
         ones, the compressors + indexer next to the query heads, and within that the indexer's
@@ -660,8 +661,14 @@ class ForwardModel:
             # only, so they run beside the compressors, on a branch of this branch.
             q_index = self.on_branch(self.index_query, qr, positions, w, layer.omega, level=1)
         comp = (w["compressor_wkv"], w["compressor_wgate"], w["compressor_ape"], w["compressor_norm"])
-        self.compress(h, positions, chunk_t0, s.comp_kv, s.comp_score, s.comp, comp, r, layer.omega,
-                      self.kv_rounding, kv_rows=True)
+        args = (h, positions, chunk_t0, s.comp_kv, s.comp_score, s.comp, comp, r, layer.omega, self.kv_rounding)
+        if q_index is not None:
+            # ... and the attention rows' compressor beside the indexer's. Both slice the merged
+            # mat-vec (proj_part), made here first so that both branches read it after it.
+            self.proj_part(comp[0], h)
+            self.on_branch(self.compress, *args, True, level=3)
+        else:
+            self.compress(*args, kv_rows=True)
         if as_indices and r != OVERLAP_RATIO:
             return s.comp, None
         if chunk_t0 is None:
@@ -685,6 +692,7 @@ class ForwardModel:
             return rows, None if as_indices else visible
         if q_index is not None:
             self.join_branch(level=1)
+            self.join_branch(level=3)
             score = self.index_scores_step(q_index, h, positions, s.index, w)
         else:
             score = self.index_scores(qr, h, positions, s.index[:n_c], w, layer.omega)
