@@ -23,9 +23,10 @@ from cuda_decode_bench import fill_state, flash_config, time_graph
 from dwarfstar.engine.cuda_engine import CudaEngine
 from dwarfstar.engine.engine import EngineOptions
 from dwarfstar.kernels import attend, moe_nvrtc, pdl, rounding
+from dwarfstar.model import forward
 
 FP32 = {"q8_matvec": None, "q8_expert_matvec": None, "q8_gemm": None}     # TRITON_OPS's mat-vecs
-MODULES = {"attend": attend, "moe_nvrtc": moe_nvrtc, "pdl": pdl, "rounding": rounding}
+MODULES = {"attend": attend, "forward": forward, "moe_nvrtc": moe_nvrtc, "pdl": pdl, "rounding": rounding}
 VARIANTS = {
     "base": {},
     "fp32-dense": {"ops": FP32},
@@ -36,6 +37,7 @@ VARIANTS = {
     "index-ieee": {"set": {"rounding.INDEX_SCORE_DOT": "ieee", "rounding.INDEX_SCORE_HEADS": 16}},
     "iq2-warp-per-row": {"set": {"moe_nvrtc.KERNEL": "warp_per_row"}},
     "iq2-rows": {"set": {"moe_nvrtc.KERNEL": "rows"}},
+    "no-comp-branch": {"set": {"forward.ATTN_COMPRESSOR_BRANCH": False}},
     "no-pdl": {"set": {"pdl.ENABLED": False}},
     "pdl-small": {"set": {"pdl.MAX_PROGRAMS": 264}},          # grids of at most two waves of 132 SMs
 }

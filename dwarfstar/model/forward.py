@@ -169,6 +169,9 @@ TRITON_OPS = Ops(matvec, expert_matvec, hc_split, _experts_int8(moe_gate_up, moe
 TRITON_INT8_OPS = dataclasses.replace(TRITON_OPS, q8_matvec=_q8_dense, q8_expert_matvec=_q8_grouped,
                                       q8_gemm=_q8_chunk, hc_gram=True)
 PRODUCTION_OPS = TRITON_INT8_OPS
+# Decode, ratio-4 layers: the attention rows' compressor on its own branch (level 3) beside the
+# indexer's compressor, instead of before it on the same branch (bench/decode_variants.py A/B).
+ATTN_COMPRESSOR_BRANCH = True
 TWIN_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False)
 # Twins of the mat-vecs with the Triton glue (CPU interpreter checks of the glue wiring).
 TWIN_GLUE_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False, True)
@@ -662,7 +665,7 @@ class ForwardModel:
             q_index = self.on_branch(self.index_query, qr, positions, w, layer.omega, level=1)
         comp = (w["compressor_wkv"], w["compressor_wgate"], w["compressor_ape"], w["compressor_norm"])
         args = (h, positions, chunk_t0, s.comp_kv, s.comp_score, s.comp, comp, r, layer.omega, self.kv_rounding)
-        if q_index is not None:
+        if q_index is not None and ATTN_COMPRESSOR_BRANCH:
             # ... and the attention rows' compressor beside the indexer's. Both slice the merged
             # mat-vec (proj_part), made here first so that both branches read it after it.
             self.proj_part(comp[0], h)
