@@ -4,7 +4,7 @@ A variant is a set of overrides of production: `ops` fields of the ForwardModel 
 instead of the int8-activation Q8_0 products, the HC norms without hc_post's Gram partials) and
 kernel module switches ("module.NAME": value, restored after the variant): decode attention's
 block shape for gathered rows, its tl.dot precision or QK form, programmatic dependent launch
-(kernels/pdl.py) off or only for small grids, the IQ2_XXS gate/up kernel. Speed only: accuracy is the GPU
+(kernels/pdl.py) off or only for small grids, the IQ2_XXS gate/up block size. Speed only: accuracy is the GPU
 tests' job. A fresh session is captured per variant and timed as in cuda_decode_bench (graph
 replay, median of --steps), interleaved over --rounds so drift hits all variants alike.
 
@@ -35,8 +35,7 @@ VARIANTS = {
     "attend-ieee": {"set": {"attend.DOT_PRECISION": "ieee"}},
     "qk-split-1": {"set": {"attend.QK_SPLIT": 1}},
     "index-ieee": {"set": {"rounding.INDEX_SCORE_DOT": "ieee", "rounding.INDEX_SCORE_HEADS": 16}},
-    "iq2-warp-per-row": {"set": {"moe_nvrtc.KERNEL": "warp_per_row"}},
-    "iq2-rows": {"set": {"moe_nvrtc.KERNEL": "rows"}},
+    "iq2-w4": {"set": {"moe_nvrtc.ROWS_WARPS": 4}},
     "no-comp-branch": {"set": {"forward.ATTN_COMPRESSOR_BRANCH": False}},
     "no-pdl": {"set": {"pdl.ENABLED": False}},
     "pdl-small": {"set": {"pdl.MAX_PROGRAMS": 264}},          # grids of at most two waves of 132 SMs

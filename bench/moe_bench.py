@@ -7,9 +7,8 @@ Bytes per launch = planar bytes of the distinct experts the routing selects (eac
 once is the minimum) + activations in/out. A small (block_n, num_warps, num_stages) sweep per case. Each call
 includes its activation-quantisation launch.
 "layer" cases time gate/up + down back to back (one routed FFN of one layer).
---nvrtc-kernels times only q2 gate/up (B = 1, 2, 4) once per kernel of kernels/moe_nvrtc.py
-(its KERNEL set for the capture; the rows kernel at ROWS_WARPS 4, 8, 16), on the same weights and
-routing sets: an A/B of the CUDA C kernels.
+--nvrtc-kernels times only q2 gate/up (B = 1, 2, 4) with the CUDA C kernel of kernels/moe_nvrtc.py
+at ROWS_WARPS 4, 8, 16, on the same weights and routing sets: an A/B of its block sizes.
 
 Usage: PYTHONPATH=.:bench python3 bench/moe_bench.py [--quick | --nvrtc-kernels]   (human table, then one JSON line)
 """
@@ -74,13 +73,12 @@ def routing_sets(b, gen) -> tuple[list[torch.Tensor], float]:
 
 
 def run_nvrtc_kernels(gen, read_gbps):
-    """q2 gate/up at B = NVRTC_TOKENS with each moe_nvrtc kernel: same weights, sets and bytes per case."""
+    """q2 gate/up at B = NVRTC_TOKENS with the moe_nvrtc kernel at each block size: same weights, sets
+    and bytes per case."""
     tg = QUANTS["q2"][0]
     gate, up = (repack(random_raw(tg, (N_EXPERTS, F, D), gen), tg, (N_EXPERTS, F, D)) for _ in range(2))
     per_gu = (planar_nbytes(gate) + planar_nbytes(up)) // N_EXPERTS
-    default, default_warps, rows = moe_nvrtc.KERNEL, moe_nvrtc.ROWS_WARPS, []
-    # the rows kernel once per block size (one block per SM at 16 warps: one 48 KB table fill per SM)
-    variants = [(k, None) for k in moe_nvrtc.KERNELS if k != "rows"] + [("rows", w) for w in NVRTC_ROWS_WARPS]
+    default_warps, rows = moe_nvrtc.ROWS_WARPS, []
     try:
         for b in NVRTC_TOKENS:
             sets, distinct = routing_sets(b, gen)
@@ -88,14 +86,14 @@ def run_nvrtc_kernels(gen, read_gbps):
             x = torch.randn(b, D, generator=gen, device="cuda")
             mid = torch.empty(b, TOP_K, F, device="cuda")
             n_bytes = distinct * per_gu + 4 * b * (D + TOP_K * F)
-            for kernel, warps in variants:
-                # gate_up reads KERNEL and ROWS_WARPS at each call: the warm-up and the capture launch this one.
-                moe_nvrtc.KERNEL, moe_nvrtc.ROWS_WARPS = kernel, warps or default_warps
+            # one block per SM at 16 warps: one 48 KB table fill per SM
+            for warps in NVRTC_ROWS_WARPS:
+                # gate_up reads ROWS_WARPS at each call: the warm-up and the capture launch this size.
+                moe_nvrtc.ROWS_WARPS = warps
                 us = time_graph([lambda ids=ids: moe_gate_up(gate, up, x, ids, wts, LIMIT, out=mid) for ids in sets])
-                name = f"gate_up {kernel}" + (f" w{warps}" if warps else "")
-                rows.append(row("q2", name, b, n_bytes, us, None, read_gbps, distinct))
+                rows.append(row("q2", f"gate_up w{warps}", b, n_bytes, us, None, read_gbps, distinct))
     finally:
-        moe_nvrtc.KERNEL, moe_nvrtc.ROWS_WARPS = default, default_warps
+        moe_nvrtc.ROWS_WARPS = default_warps
     return rows
 
 
@@ -141,7 +139,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="default tiling only, no sweep")
     parser.add_argument("--nvrtc-kernels", action="store_true",
-                        help="only q2 gate/up, once per CUDA C kernel (moe_nvrtc.KERNELS)")
+                        help="only q2 gate/up with the CUDA C kernel, once per block size (moe_nvrtc.ROWS_WARPS)")
     args = parser.parse_args()
     ceilings = {"device": torch.cuda.get_device_name(), "read_gbps": bandwidth.read_bandwidth()}
     gen = torch.Generator(device="cuda").manual_seed(1)

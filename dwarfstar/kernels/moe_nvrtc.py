@@ -13,45 +13,36 @@ float32 [B, K], out float32 [B, K, F]. The integer dot of each 32-input group is
 equal to the Triton kernel's; the fp32 sums run in another order (lanes, then a warp
 shuffle tree) and the sigmoid uses expf: agreement with the twin within fp32 rounding.
 
-Kernels (`KERNEL` picks the one `gate_up` launches; same integers and formula):
-- "warp_per_row" (`iq2xxs_gate_up`): one warp per output row (gate and up rows together, so x
-  is loaded once for both), lane l takes the 32-input groups l, l + 32, ...; 8 warps per
-  block; grid (F / 8, B K). The 2 KB grid is one copy in shared memory and the signs are
-  computed (7 stored bits, popc parity for the 8th, a multiply spreads bits to bytes): ~24
-  instructions per octet. A lane has 4 groups of a row; a warp loads its few bytes, waits out
-  the DRAM latency, computes (~900 warp instructions per row) and exits, so no row's loads
-  overlap another's work; 1,536 blocks at 8 per SM are 1.45 waves on 132 SMs. (It took 26 µs,
-  not 19, when its signs came from one shared copy of a sign table: the bank conflicts below.)
-- "rows" (`iq2xxs_gate_up_rows<P, W>`): one wave of long-lived warps that prefetch. Grid
-  (min(R / W * SMs / (B K), F / W), B K) with W = ROWS_WARPS warps per block and R =
-  ROWS_RESIDENT_WARPS per SM (the launch bounds hold a thread to 128 registers so that R stay
-  resident; B K > R / W * SMs: one block per slot, several waves). The warps of a slot take its
-  rows w, w + n, w + 2n, ... (5-6 each at B = 1), so each step of them reads one contiguous
-  stretch of rows. Lane l takes the 16-byte pieces l, l + 32, ... of a row (P = ceil(D / 2048);
-  a piece is 2 groups of 32 inputs in one super-block): a warp's weight loads are 512-byte runs
-  and a lane reads one fp16 d per piece. The token's activations for the lane's pieces (16 words
-  and 2 scales each) are loaded once per warp into registers and serve every row; the next row's
-  pieces and d load into a second register buffer (the two swap roles, no copy) while the
-  current row is computed, so its DRAM latency hides behind this row's work.
-  Both kernels took 20.2 µs at Flash decode shapes (B = 1, K = 6, F = 2048, D = 4096) on the
-  H200 with the ~2 µs quantise launch (bench/moe_bench.py --nvrtc-kernels), 28 % of the stream
-  rate, with the warp_per_row kernel's octet math. Nsight Compute (clocks locked at 1.47 GHz)
-  named two limits: issue (0.74 instructions per scheduler per cycle; 768 of the rows kernel's
-  ~880 per row were the octet dots) and the shared-memory pipe (L1/TEX 73-83 % busy: random
-  8-byte grid lookups into one copy averaged 5.9-way bank conflicts, 2.31 M wavefronts for
-  393 K requests). So the rows kernel now keeps both tables as 16 interleaved copies in shared
-  memory (entry e of copy c at 64-bit word 16 e + c; lane l reads copy l % 16: a half warp hits
-  16 different bank pairs, 2 wavefronts per lookup, the least for 64 bits) and looks up each
-  octet's sign mask (`iq2xxs_sign_masks`, 128 entries of 8 bytes 0x00 / 0xFF) instead of
-  computing it: per 4 weights one xor and two dp4a, dp4a(g ^ m, x) - dp4a(m, x). SASS (sm_90):
-  231 instructions per 16-octet piece with its scales (was 383), ~580 per row (was ~900). The
-  copies take 32 + 16 KB, the static limit of a block, written in the prologue while the first
-  row's loads are in flight; at W = 8, 2 blocks of 49 KB (1 KB is the driver's) fit in an SM's
-  228 KB, 16 warps per SM. 128 registers, no spills. On the H200 (bench/moe_bench.py
-  --nvrtc-kernels, B = 1 / 2 / 4, with the quantise launch): W = 8 15.7 / 26.6 / 45.8 µs, W = 4
-  17.0 / 28.8 / 49.4, W = 16 17.4 / 27.6 / 49.6, warp_per_row 20.1 / 36.6 / 66.1; the whole 2K
-  decode step 6.17 -> 6.01 ms at W = 4 (bench/decode_variants.py).
-Both grids depend only on shapes and the device, never on ids (CUDA graphs replay them).
+Layout (`iq2xxs_gate_up_rows<P, W>`): one wave of long-lived warps that prefetch. Grid
+(min(R / W * SMs / (B K), F / W), B K) with W = ROWS_WARPS warps per block and R =
+ROWS_RESIDENT_WARPS per SM (the launch bounds hold a thread to 128 registers so that R stay
+resident; B K > R / W * SMs: one block per slot, several waves); the grid depends only on
+shapes and the device, never on ids (CUDA graphs replay it). The warps of a slot take its rows
+w, w + n, w + 2n, ... (5-6 each at B = 1), gate and up rows together, so each step of them reads
+one contiguous stretch. Lane l takes the 16-byte pieces l, l + 32, ... of a row (P = ceil(D /
+2048); a piece is 2 groups of 32 inputs in one super-block): a warp's weight loads are 512-byte
+runs and a lane reads one fp16 d per piece. The token's activations for the lane's pieces are
+loaded once per warp into registers and serve every row; the next row's pieces load into a
+second register buffer (the two swap roles) while the current row is computed, so its DRAM
+latency hides behind this row's work.
+
+Tables: the 2 KB grid and the 1 KB of sign masks (`iq2xxs_sign_masks`: per 7 stored sign bits,
+8 bytes 0x00 / 0xFF, the parity bit included) live in shared memory as 16 interleaved copies
+(entry e of copy c at 64-bit word 16 e + c; lane l reads copy l % 16: a half warp hits 16
+different bank pairs, 2 wavefronts per lookup, the least for 64 bits). Per 4 weights one xor
+and two dp4a: dp4a(g ^ m, x) - dp4a(m, x). The copies take 32 + 16 KB (the static limit of a
+block), written in the prologue while the first row's loads are in flight.
+
+Why (H200): the first design, one warp per row that computed its signs (popc parity, multiply
+spread) from one shared copy of the grid, took 20.1 µs at Flash decode shapes (B = 1, K = 6,
+F = 2048, D = 4096, with the ~2 µs quantise launch; bench/moe_bench.py --nvrtc-kernels), 28 % of
+the stream rate. Nsight Compute named two limits: instruction issue (0.74 per scheduler per
+cycle; ~900 warp instructions per row, 768 of them the octet dots) and the shared-memory pipe
+(L1/TEX 83 % busy: its random 8-byte grid lookups averaged 5.9-way bank conflicts), and each
+warp waited out its row's DRAM latency alone (1.45 waves of short blocks). This kernel: ~580
+instructions per row (SASS, sm_90), 128 registers, no spills; at B = 1 / 2 / 4 W = 8 takes 15.7
+/ 26.6 / 45.8 µs (W = 4 17.0 / 28.8 / 49.4, W = 16 17.4 / 27.6 / 49.6; the first design 20.1 /
+36.6 / 66.1); the whole 2K decode step 6.17 -> 6.01 ms (bench/decode_variants.py, at W = 4).
 `torch.cuda._compile_kernel` is private API (torch >= 2.11): compiled once per process and kernel.
 """
 
@@ -65,18 +56,13 @@ from gguf.quants import IQ2_XXS
 
 from dwarfstar.kernels.repack import PlanarIQ2XXS
 
-# The kernel `gate_up` launches: "rows" (prefetching warps over several rows of one slot) or
-# "warp_per_row" (the first design); both stay for A/B timing (bench/moe_bench.py --nvrtc-kernels).
-KERNELS = ("rows", "warp_per_row")
-KERNEL = "rows"
-ROWS_PER_BLOCK = 8   # warp_per_row: warps per block, one row each
-# rows: warps per block (a template argument: any divisor of ROWS_RESIDENT_WARPS, read at each call)
+# Warps per block (a template argument: any divisor of ROWS_RESIDENT_WARPS, read at each call)
 ROWS_WARPS = 8
-# rows: resident warps per SM the launch bounds hold (65536 registers / (32 x 128 registers a thread))
+# Resident warps per SM the launch bounds hold (65536 registers / (32 x 128 registers a thread))
 # and the grid is sized for: ROWS_RESIDENT_WARPS / ROWS_WARPS blocks per SM. Each block's 48 KB of
 # table copies (+ 1 KB the driver reserves) keep up to 4 blocks within the 228 KB of an SM.
 ROWS_RESIDENT_WARPS = 16
-# rows: the inputs of a row that one piece (64 inputs) per lane covers; P = ceil(D / this).
+# The inputs of a row that one piece (64 inputs) per lane covers; P = ceil(D / this).
 _INPUTS_PER_WARP_PIECE = 32 * 64
 
 _SOURCE = f"""
@@ -86,29 +72,6 @@ __device__ __forceinline__ float half_bits_to_float(unsigned short u) {
     float f;
     asm("{ .reg .b16 h; mov.b16 h, %1; cvt.f32.f16 %0, h; }" : "=f"(f) : "h"(u));
     return f;
-}
-
-// acc + the dot of octet j of a group (grid word gw, sign + scale word sw) with the 8 int8
-// activations in words xa, xb. A negative byte g becomes (g ^ 0xFF) + 1 = 256 - g (no carry).
-__device__ __forceinline__ int octet_dot(const unsigned long long* tab, int gw, int sw, int j, int xa, int xb,
-                                         int acc) {
-    const unsigned long long g8 = tab[(gw >> (8 * j)) & 255];
-    // The 8th sign is the parity of the 7 stored ones; bit i -> byte i by a multiply.
-    unsigned s = (sw >> (7 * j)) & 127;
-    s |= (__popc(s) & 1) << 7;
-    const unsigned blo = ((s & 15u) * 0x00204081u) & 0x01010101u;
-    const unsigned bhi = ((s >> 4) * 0x00204081u) & 0x01010101u;
-    const unsigned mlo = blo * 255u, mhi = bhi * 255u;
-    acc = __dp4a((int)(((unsigned)g8 ^ mlo) + blo), xa, acc);
-    return __dp4a((int)(((unsigned)(g8 >> 32) ^ mhi) + bhi), xb, acc);
-}
-
-// The exact integer dot of one 32-input group (words gw, sw) with its 8 activation words x[0..7].
-__device__ __forceinline__ int group_dot(const unsigned long long* tab, int gw, int sw, const int* x) {
-    int acc = 0;
-    #pragma unroll
-    for (int j = 0; j < 4; ++j) acc = octet_dot(tab, gw, sw, j, x[2 * j], x[2 * j + 1], acc);
-    return acc;
 }
 
 // The group's weight scale: the super-block's d times (0.5 + its 4-bit scale) / 4.
@@ -133,55 +96,6 @@ __device__ __forceinline__ float clamped_swiglu(float g, float u, float wt, doub
         u = fminf(fmaxf(u, -limit), limit);
     }
     return wt * (g / (1.0f + expf(-g))) * u;
-}
-
-extern "C" __global__ void iq2xxs_gate_up(
-    const int* __restrict__ gw, const unsigned short* __restrict__ gd,
-    const int* __restrict__ uw, const unsigned short* __restrict__ ud,
-    const unsigned long long* __restrict__ table,
-    const int* __restrict__ ids, const float* __restrict__ wts,
-    const int* __restrict__ xw, const float* __restrict__ xs,
-    float* __restrict__ mid, int F, int D, int K, double limit_d, int has_limit)
-{
-    // the grid: 256 rows of 8 bytes (element t in byte t)
-    __shared__ unsigned long long tab[256];
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) tab[i] = table[i];
-    __syncthreads();
-    const int lane = threadIdx.x & 31;
-    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    const int slot = blockIdx.y;
-    if (row >= F) return;
-    const long long e = ids[slot];
-    const long long tok = slot / K;
-    const int kb = D >> 8;
-    const int groups = D >> 5;
-    const long long rw = (e * F + row) * (long long)kb;   // this row's first super-block
-    const int* gwr = gw + rw * 16;
-    const int* uwr = uw + rw * 16;
-    const int* xr = xw + tok * (D >> 2);
-    const float* xsr = xs + tok * groups;
-    float acc_g = 0.f, acc_u = 0.f;
-    #pragma unroll 4
-    for (int g = lane; g < groups; g += 32) {
-        const int2 pg = *reinterpret_cast<const int2*>(gwr + 2 * g);
-        const int2 pu = *reinterpret_cast<const int2*>(uwr + 2 * g);
-        const int4 xa = *reinterpret_cast<const int4*>(xr + 8 * g);
-        const int4 xb = *reinterpret_cast<const int4*>(xr + 8 * g + 4);
-        const int xv[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
-        int sg = 0, su = 0;
-        // gate and up octets interleaved, not two group_dot calls: those take NVRTC 13 from 40 to 48
-        // registers here (5 resident blocks per SM instead of 8)
-        #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            sg = octet_dot(tab, pg.x, pg.y, j, xv[2 * j], xv[2 * j + 1], sg);
-            su = octet_dot(tab, pu.x, pu.y, j, xv[2 * j], xv[2 * j + 1], su);
-        }
-        const float xsc = xsr[g];
-        acc_g += (float)sg * group_scale(gd[rw + (g >> 3)], pg.y) * xsc;
-        acc_u += (float)su * group_scale(ud[rw + (g >> 3)], pu.y) * xsc;
-    }
-    warp_sum2(acc_g, acc_u);
-    if (lane == 0) mid[(long long)slot * F + row] = clamped_swiglu(acc_g, acc_u, wts[slot], limit_d, has_limit);
 }
 
 // The rows kernel's tables live in shared memory as TABLE_COPIES interleaved copies: entry e of copy c is
@@ -243,7 +157,7 @@ __device__ __forceinline__ void octet_dot_rep(const char* grid, const char* sign
     neg = __dp4a((int)m.y, xb, neg);
 }
 
-// group_dot from the replicated tables: the same integer.
+// The exact integer dot of one 32-input group (words gw, sw) with its 8 activation words x[0..7].
 __device__ __forceinline__ int group_dot_rep(const char* grid, const char* signs, int gw, int sw,
                                              unsigned lane_off, const int* x) {
     int pos = 0, neg = 0;
@@ -304,7 +218,7 @@ __device__ __forceinline__ void row_out(const char* grid, const char* signs, uns
     if (lane == 0) *dst = clamped_swiglu(acc_g, acc_u, wt, limit_d, has_limit);
 }
 
-// iq2xxs_gate_up's arguments plus the sign masks, same results. Block (x, s) of grid (n / WARPS, B K):
+// gate_up's arguments (see the module docstring) plus the sign masks. Block (x, s) of grid (n / WARPS, B K):
 // warp w = x WARPS + warp index of slot s computes rows w, w + n, ... with the next row's pieces in flight
 // while it computes the current one. The launch bounds keep ROWS_RESIDENT_WARPS warps per SM (128 registers).
 template <int P, int WARPS>
@@ -404,21 +318,15 @@ def usable(w, x: torch.Tensor) -> bool:
 
 def gate_up(gate: PlanarIQ2XXS, up: PlanarIQ2XXS, words: torch.Tensor, scale: torch.Tensor, ids: torch.Tensor,
             weights: torch.Tensor, limit: float, out: torch.Tensor) -> torch.Tensor:
-    """The launch of the `KERNEL` variant (checks are the caller's, kernels/moe.py moe_gate_up)."""
+    """The launch (checks are the caller's, kernels/moe.py moe_gate_up)."""
     from dwarfstar.kernels.moe import iq2xxs_grid64
 
     table = iq2xxs_grid64(str(words.device))
     _, f, d = gate.shape
     n_tok, k = ids.shape
-    args = [gate.words, gate.d, up.words, up.d, table, ids, weights, words, scale, out,
-            f, d, k, float(limit), int(limit > 0)]
-    if KERNEL == "warp_per_row":
-        grid = ((f + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, n_tok * k, 1)
-        _kernel("iq2xxs_gate_up")(grid=grid, block=(32 * ROWS_PER_BLOCK, 1, 1), args=args)
-        return out
-    assert KERNEL == "rows", f"moe_nvrtc.KERNEL {KERNEL!r} is not one of {KERNELS}"
+    args = [gate.words, gate.d, up.words, up.d, table, iq2xxs_sign_masks(str(words.device)), ids, weights, words,
+            scale, out, f, d, k, float(limit), int(limit > 0)]
     assert ROWS_RESIDENT_WARPS % ROWS_WARPS == 0, f"ROWS_WARPS {ROWS_WARPS} does not divide {ROWS_RESIDENT_WARPS}"
-    args.insert(5, iq2xxs_sign_masks(str(words.device)))
     # One wave split evenly over the slots, and no block without a row.
     per_sm = ROWS_RESIDENT_WARPS // ROWS_WARPS
     blocks = max(1, per_sm * _sm_count(words.device.index) // (n_tok * k))

@@ -187,13 +187,20 @@ def test_moe_graph_replay_matches_eager(gen):
     assert torch.equal(y, moe_decode(gate, up, down, x, ids, weights, LIMIT))
 
 
-# (experts, F, D, tokens): the Flash shapes, and F = 1001 / D = 2304 (ragged row steps for both
-# kernels; a partly filled second piece per lane in the rows kernel).
+# (experts, F, D, tokens): the Flash shapes, and F = 1001 / D = 2304 (ragged row steps; a partly
+# filled second piece per lane).
 NVRTC_CASES = {"flash_B1": (256, 2048, 4096, 1), "flash_B3": (256, 2048, 4096, 3),
                "F1001_D2304_B2": (16, 1001, 2304, 2)}
 
 
-def check_nvrtc_gate_up(case, gen):
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(NVRTC_CASES))
+@pytest.mark.parametrize("warps", [4, 8, 16])
+def test_nvrtc_gate_up_equals_triton(warps, case, gen, monkeypatch):
+    """The CUDA C IQ2_XXS gate/up (default on CUDA; moe_nvrtc.ROWS_WARPS per block, production and the
+    sizes bench/moe_bench.py --nvrtc-kernels times) and the Triton kernel: same integer dots, fp32 sums in
+    another order and expf vs tl.sigmoid -> within 1e-5 relative L2."""
+    monkeypatch.setattr(moe_nvrtc, "ROWS_WARPS", warps)
     n_exp, f, d, n_tok = NVRTC_CASES[case]
     _, gate = experts(T.IQ2_XXS, (n_exp, f, d), gen)
     _, up = experts(T.IQ2_XXS, (n_exp, f, d), gen)
@@ -205,32 +212,11 @@ def check_nvrtc_gate_up(case, gen):
     assert ((got - want).norm() / want.norm()).item() < 1e-5
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", list(NVRTC_CASES))
-@pytest.mark.parametrize("kernel", moe_nvrtc.KERNELS)
-def test_nvrtc_gate_up_equals_triton(kernel, case, gen, monkeypatch):
-    """Each CUDA C IQ2_XXS gate/up kernel (moe_nvrtc.KERNEL; default on CUDA) and the Triton kernel: same
-    integer dots, fp32 sums in another order and expf vs tl.sigmoid -> within 1e-5 relative L2."""
-    monkeypatch.setattr(moe_nvrtc, "KERNEL", kernel)
-    check_nvrtc_gate_up(case, gen)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", ["flash_B1", "F1001_D2304_B2"])
-@pytest.mark.parametrize("warps", [8, 16])
-def test_nvrtc_rows_block_sizes(warps, case, gen, monkeypatch):
-    """The rows kernel at the other block sizes bench/moe_bench.py --nvrtc-kernels times: same results."""
-    monkeypatch.setattr(moe_nvrtc, "KERNEL", "rows")
-    monkeypatch.setattr(moe_nvrtc, "ROWS_WARPS", warps)
-    check_nvrtc_gate_up(case, gen)
-
-
 def test_iq2xxs_sign_masks_and_octet_math():
-    """The rows kernel's sign masks (moe_nvrtc.iq2xxs_sign_masks) and its octet math (octet_dot_rep) in
+    """The CUDA C kernel's sign masks (moe_nvrtc.iq2xxs_sign_masks) and its octet math (octet_dot_rep) in
     numpy, for all 128 sign fields x 256 grid rows: mask byte i is 0xFF iff element i is negative (7
     stored bits, the 8th their parity), and the per-byte weights of dp4a(g ^ m, x) - dp4a(m, x) equal
-    the bytes of octet_dot's parity + multiply-spread words and gguf's ksigns x grid, so the integer
-    dot of every group is the same for any activations."""
+    gguf's ksigns x grid, so the integer dot of every group is exact for any activations."""
     masks = moe_nvrtc.iq2xxs_sign_masks("cpu").numpy().view(np.uint8).reshape(128, 8)
     s = np.arange(128, dtype=np.uint32)
     parity = np.array([bin(v).count("1") & 1 for v in range(128)], dtype=np.uint32)
@@ -240,15 +226,6 @@ def test_iq2xxs_sign_masks_and_octet_math():
     g = grid[None, :, :]  # [1, 256, 8]
     m = masks[:, None, :]  # [128, 1, 8]
     new = (g ^ m).view(np.int8).astype(np.int32) - m.view(np.int8).astype(np.int32)  # [128, 256, 8]
-    # octet_dot: bit i of the 8-bit pattern -> byte i by a multiply, negated bytes (g ^ 0xFF) + 1
-    s8 = (s | parity << 7)[:, None]
-    words = grid.copy().view(np.uint32)  # [256, 2]: elements 0-3, 4-7
-    old = []
-    for half, nib in enumerate((s8 & 15, s8 >> 4)):
-        b = (nib * np.uint32(0x00204081)) & np.uint32(0x01010101)  # [128, 1]
-        old.append(((words[None, :, half] ^ (b * np.uint32(255))) + b).astype(np.uint32))  # [128, 256]
-    old = np.stack(old, -1).view(np.int8).reshape(128, 256, 8).astype(np.int32)
-    assert np.array_equal(new, old)
     ksigns = np.frombuffer(IQ2_XXS.ksigns, dtype=np.uint8)
     sign = np.where((ksigns[:, None] >> np.arange(8, dtype=np.uint8)) & 1, -1, 1)  # [128, 8]
     assert np.array_equal(new, sign[:, None, :] * grid[None, :, :].astype(np.int32))
