@@ -292,8 +292,9 @@ class ForwardModel:
         current stream (the main one for levels 0 and 2, a level-0 branch for levels 1 and 3);
         `join_branch(level)` on that current stream before its result is used. Decode's small
         kernels leave most of the GPU idle one at a time: the shared expert next to the routed
-        ones, the compressors + indexer next to the query heads, and within that the indexer's
-        query next to the compressors overlap instead (as parallel branches of the captured graph).
+        ones, the compressors + indexer next to the query heads (within that the indexer's query
+        and the two compressors side by side), and the HC split's Sinkhorn next to its sublayer
+        overlap instead (as parallel branches of the captured graph).
 
         Memory: tensors made here are used by the forking stream only after the join, and the
         next fork waits for the forking stream, so the allocator's per-stream reuse of their
