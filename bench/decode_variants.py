@@ -35,6 +35,7 @@ VARIANTS = {
     "attend-ieee": {"set": {"attend.DOT_PRECISION": "ieee"}},
     "qk-split-1": {"set": {"attend.QK_SPLIT": 1}},
     "index-ieee": {"set": {"rounding.INDEX_SCORE_DOT": "ieee", "rounding.INDEX_SCORE_HEADS": 16}},
+    "index-round-w8": {"set": {"rounding.INDEX_ROUND_WARPS": 8}},
     "iq2-w4": {"set": {"moe_nvrtc.ROWS_WARPS": 4}},
     "no-comp-branch": {"set": {"forward.ATTN_COMPRESSOR_BRANCH": False}},
     "no-pdl": {"set": {"pdl.ENABLED": False}},

@@ -121,6 +121,12 @@ def kv_round(row: torch.Tensor, n_nope: int, fp8: bool, half: bool) -> torch.Ten
 # element across an E2M1 midpoint: one FP4 step, rarely); the scale from the float bits as
 # in kv_round.
 
+# Warps of an index_round program (decode calls it on the indexer branches, for one or 64 rows).
+# 8 instead of 4 made the whole 2K decode step 5.51 -> 6.44 ms on the H200 (bench/decode_variants.py
+# index-round-w4 against 8), ~22 µs more per call; why was not looked into.
+INDEX_ROUND_WARPS = 4
+
+
 @triton.jit
 def _index_round_kernel(x_ptr, h_ptr, y_ptr, R, amax_floor, D: tl.constexpr, BR: tl.constexpr,
                         FP4: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr = False):
@@ -155,7 +161,7 @@ def index_round(x: torch.Tensor, h: torch.Tensor, fp4: bool, half: bool) -> torc
     n = xc.numel() // d
     grid = (triton.cdiv(n, 16),)
     _index_round_kernel[grid](xc, h, y, n, FP4_AMAX_FLOOR, D=d, BR=16, FP4=fp4, HALF=half,
-                              **pdl.launch(grid), num_warps=4)
+                              **pdl.launch(grid), num_warps=INDEX_ROUND_WARPS)
     return y
 
 
