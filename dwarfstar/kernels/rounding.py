@@ -122,8 +122,8 @@ def kv_round(row: torch.Tensor, n_nope: int, fp8: bool, half: bool) -> torch.Ten
 # in kv_round.
 
 # Warps of an index_round program (decode calls it on the indexer branches, for one or 64 rows).
-# 8 instead of 4 made the whole 2K decode step 5.51 -> 6.44 ms on the H200 (bench/decode_variants.py
-# index-round-w4 against 8), ~22 µs more per call; why was not looked into.
+# 8 instead of 4 made the whole 2K decode step 5.51 -> 6.44 ms on the H200 (bench/decode_variants.py,
+# variant index-round-w8), ~22 µs more per call; why was not looked into.
 INDEX_ROUND_WARPS = 4
 
 
