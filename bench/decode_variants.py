@@ -38,6 +38,7 @@ VARIANTS = {
     "index-round-w8": {"set": {"rounding.INDEX_ROUND_WARPS": 8}},
     "iq2-w4": {"set": {"moe_nvrtc.ROWS_WARPS": 4}},
     "no-comp-branch": {"set": {"forward.ATTN_COMPRESSOR_BRANCH": False}},
+    "no-kv-branch": {"set": {"forward.KV_ROW_BRANCH": False}},
     "no-pdl": {"set": {"pdl.ENABLED": False}},
     "pdl-small": {"set": {"pdl.MAX_PROGRAMS": 264}},          # grids of at most two waves of 132 SMs
 }

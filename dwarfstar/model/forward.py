@@ -172,6 +172,9 @@ PRODUCTION_OPS = TRITON_INT8_OPS
 # Decode, ratio-4 layers: the attention rows' compressor on its own branch (level 3) beside the
 # indexer's compressor, instead of before it on the same branch (bench/decode_variants.py A/B).
 ATTN_COMPRESSOR_BRANCH = True
+# Decode: this token's KV row on its own branch (level 4) beside the query heads' projection,
+# instead of on the main stream before it (bench/decode_variants.py A/B).
+KV_ROW_BRANCH = True
 TWIN_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False)
 # Twins of the mat-vecs with the Triton glue (CPU interpreter checks of the glue wiring).
 TWIN_GLUE_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False, True)
@@ -237,8 +240,9 @@ class ForwardModel:
         # forks from the main stream (compressors + indexer, shared expert), level 1 from a
         # level-0 branch (the indexer's query), level 2 from the main stream (the HC split's
         # post and Sinkhorn matrix, joined at hc_post), level 3 from a level-0 branch (the
-        # attention rows' compressor beside the indexer's); none off CUDA.
-        n_levels = 4 if self.device.type == "cuda" else 0
+        # attention rows' compressor beside the indexer's), level 4 from the main stream (this
+        # token's KV row beside the query heads); none off CUDA.
+        n_levels = 5 if self.device.type == "cuda" else 0
         self._branches = [torch.cuda.Stream(self.device) for _ in range(n_levels)]
         self._forked = [False] * n_levels
         # id(x) -> (x, its int8 form) written by x's producer kernel (hc_split_norm, the glue
@@ -289,12 +293,12 @@ class ForwardModel:
     # ---- primitives -------------------------------------------------------------------
     def on_branch(self, fn: Callable, *args, level: int = 0):
         """fn(*args) on the branch stream of `level`, after all work queued so far on the
-        current stream (the main one for levels 0 and 2, a level-0 branch for levels 1 and 3);
+        current stream (the main one for levels 0, 2 and 4, a level-0 branch for levels 1 and 3);
         `join_branch(level)` on that current stream before its result is used. Decode's small
         kernels leave most of the GPU idle one at a time: the shared expert next to the routed
         ones, the compressors + indexer next to the query heads (within that the indexer's query
-        and the two compressors side by side), and the HC split's Sinkhorn next to its sublayer
-        overlap instead (as parallel branches of the captured graph).
+        and the two compressors side by side, and the KV row), and the HC split's Sinkhorn next
+        to its sublayer overlap instead (as parallel branches of the captured graph).
 
         Memory: tensors made here are used by the forking stream only after the join, and the
         next fork waits for the forking stream, so the allocator's per-stream reuse of their
@@ -399,6 +403,10 @@ class ForwardModel:
             cos, sin = self._rope_tables[id(omega)]
             return glue_norm_rope(x, weight, self.config.norm_eps, positions, cos, sin)
         return self.rope(self.norm(x, weight), positions, omega)
+
+    def kv_row(self, kv, weight, positions, omega) -> torch.Tensor:
+        """The KV row [T, Dh] from its projection: norm, RoPE, then the cache's rounding."""
+        return self.kv_rounding(self.norm_rope(kv, weight, positions, omega))
 
     def kv_rounding(self, row: torch.Tensor) -> torch.Tensor:
         n_nope = self.config.nope_head_dim
@@ -559,9 +567,12 @@ class ForwardModel:
             self._quantized[id(qr)] = (qr, qq)
         else:
             qr = self.norm(qa, w["q_norm"])
-        kv = self.norm_rope(self.proj_part(w["wkv"], h), w["kv_norm"], positions, layer.omega)
-        kv = self.kv_rounding(kv)                                            # [T, Dh]
         step = chunk_t0 is None and self.ops.glue
+        kv_in = self.proj_part(w["wkv"], h)
+        # Decode: this token's KV row (norm, RoPE, rounding) is read only by the attention, so it
+        # is made beside the query heads' projection; kv_in stays referenced until the join.
+        kv_args = (kv_in, w["kv_norm"], positions, layer.omega)
+        kv = self.on_branch(self.kv_row, *kv_args, level=4) if step and KV_ROW_BRANCH else self.kv_row(*kv_args)
         comp = idx = None
         if step and layer.ratio > 0:
             # Decode: the compressors and the indexer run first (rows emitted at pos are visible
@@ -570,6 +581,7 @@ class ForwardModel:
         q = self.norm_rope(self.proj(w["wq_b"], qr).view(t, n_heads, d), None, positions, layer.omega)
         if step:
             self.join_branch()
+            self.join_branch(level=4)
             # kernels/attend.py reads the ring, this token's row and the compressed rows in place
             # (no key concatenation, no mask tensors) and writes this token's ring slot.
             args = (q[0], s.raw, state.ring_pos, kv, positions, comp, idx, layer.ratio, w["attn_sink"])
