@@ -32,6 +32,7 @@ from dwarfstar.kernels.glue import row_rsqrt
 from dwarfstar.kernels.moe import act_buffers, store_int8_act
 from dwarfstar.kernels import pdl
 from dwarfstar.kernels.pdl import wait_for_inputs
+from dwarfstar.kernels.repack import PlanarF16
 from dwarfstar.model.hc import sinkhorn
 from dwarfstar.model.numerics import rms_norm
 from dwarfstar.shape import QK_K
@@ -332,6 +333,9 @@ def hc_split_norm_gram(mix, scale, base, n: int, iters: int, eps: float, x, norm
 # broadcast + einsum is 4-5 launches). f may also be partial sums [T, P, D] (the routed
 # experts' per-expert outputs, kernels/moe.py moe_down_parts), summed here in order p = 0..,
 # and f_add [T, D] (the shared expert) added to them: no separate reduction or add launch.
+# With mix_fn (the next sublayer's HC fn, PlanarF16 [M, n D]) hc_post also writes that
+# sublayer's mix as split-K partials [S, T, M] over its S column blocks (`hc_post_mix_ref`), the
+# layout hc_split / hc_split_norm_gram / hc_head_split sum: no separate mix mat-vec launch.
 # `hc_weighted_sum(x, pre)` -> sum_i pre[t, i] x[t, i] [T, D] (2 launches in torch).
 # Both differ from their twins by fp32 summation order only.
 
@@ -347,15 +351,41 @@ def hc_post_ref(f, x, post, m, f_add=None):
     return post[:, :, None] * f[:, None, :] + torch.einsum("tij,tid->tjd", m, x)
 
 
+def hc_post_mix_ref(y, fn, block: int):
+    """hc_post's mix partials [S, T, M]: partial s = fn . y over column block s of every stream
+    (S = cdiv(D, block)), in y's dtype (fn converted to it)."""
+    t, n, d = y.shape
+    w = (fn.w if isinstance(fn, PlanarF16) else fn).to(y.dtype).view(-1, n, d)   # [M, n, D]
+    return torch.stack([torch.einsum("tid,mid->tm", y[:, :, c:c + block], w[:, :, c:c + block])
+                        for c in range(0, d, block)])
+
+
 def hc_weighted_sum_ref(x, pre):
     return (pre[:, :, None] * x).sum(1)
 
 
 @triton.jit
-def _hc_post_kernel(f_ptr, add_ptr, x_ptr, post_ptr, m_ptr, y_ptr, ss_ptr, gram_ptr, D, N: tl.constexpr,
-                    P: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_D: tl.constexpr, SUMSQ: tl.constexpr,
-                    GRAM: tl.constexpr, PDL: tl.constexpr = False):
-    wait_for_inputs(PDL)
+def _mix_fn_tile(fn_ptr, D, N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, BLOCK_D: tl.constexpr):
+    """fn[:, i D + d] for this program's columns d, [MP, n, BLOCK_D] in fn's dtype; rows >= M and
+    columns >= D read as 0, so they add nothing to the mix."""
+    offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mm = tl.arange(0, MP)
+    i = tl.arange(0, N)
+    ptrs = fn_ptr + (mm[:, None, None] * N + i[None, :, None]) * D + offs[None, None, :]
+    return tl.load(ptrs, mask=(mm < M)[:, None, None] & (offs < D)[None, None, :], other=0.0)
+
+
+@triton.jit
+def _hc_post_kernel(f_ptr, add_ptr, x_ptr, post_ptr, m_ptr, y_ptr, ss_ptr, gram_ptr, fn_ptr, mix_ptr, D,
+                    N: tl.constexpr, P: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_D: tl.constexpr,
+                    SUMSQ: tl.constexpr, GRAM: tl.constexpr, MIX: tl.constexpr, M: tl.constexpr,
+                    MP: tl.constexpr, PDL: tl.constexpr = False):
+    """MIX: fn is a weight (written at load, never by a kernel ahead in the stream), so its tile
+    is read before the wait and overlaps the previous kernel's tail (kernels/pdl.py)."""
+    wait_for_inputs(PDL & (not MIX))
+    if MIX:
+        fn_tile = _mix_fn_tile(fn_ptr, D, N, M, MP, BLOCK_D)                                       # [MP, n, BD]
+    wait_for_inputs(PDL & MIX)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = offs < D
@@ -384,6 +414,11 @@ def _hc_post_kernel(f_ptr, add_ptr, x_ptr, post_ptr, m_ptr, y_ptr, ss_ptr, gram_
         # This block's share of sum(y^2) over the whole HC row (masked lanes hold 0).
         yy = tl.where(mask[None, :], y * y, 0.0)
         tl.store(ss_ptr + part, tl.sum(tl.sum(yy, axis=1), axis=0))
+    if MIX:
+        # Split-K partial s = program_id(1) of the next mix, stored [S, T, M] (_load_mix's layout).
+        mix = tl.sum(tl.sum(fn_tile.to(tl.float32) * y[None, :, :], axis=2), axis=1)                 # [MP]
+        mm = tl.arange(0, MP)
+        tl.store(mix_ptr + (tl.program_id(1) * tl.num_programs(0) + t) * M + mm, mix, mask=mm < M)
 
 
 @triton.jit
@@ -408,31 +443,52 @@ def _check_streams(x, *small):
 
 
 HC_BLOCK_D = 512
+# With the mix (mix_fn): each program also holds fn's [M, n, block] tile, which at 512 columns
+# (24 x 4 x 512 fp16) would not fit in registers; 128 columns is an MP x 4 x 128 fp16 tile (32 KB
+# at M = 24 padded to 32; sm_90 at 4 warps: 128 registers, no spills) and 32 programs per row at
+# D = 4096 instead of 8. D / block stays a power of two (the sumsq and Gram partial counts the
+# split kernels sum).
+HC_MIX_BLOCK_D = 128
 
 
-def hc_post(f, x, post, m, f_add=None, sumsq: bool = False, gram: bool = False):
-    """y [T, n, D] (the contract above), then, as a tuple with it: with sumsq, ss [T, D /
-    HC_BLOCK_D] the partial sums of y[t]^2 per program, which hc_head_split takes (`ss=`) in
-    place of re-reading the 16384-wide row for its RMS norm (with gram too, each is its Gram
-    partial's trace); with gram, the per-program Gram partials [T, D / HC_BLOCK_D, n, n] of
-    y[t]'s streams for hc_split_norm_gram."""
+def _mix_weight(mix_fn, n: int, d: int, dev):
+    w = mix_fn.w if isinstance(mix_fn, PlanarF16) else mix_fn
+    assert w.dtype in (torch.float16, torch.float32) and w.is_contiguous() and w.dim() == 2 \
+        and w.shape[1] == n * d and w.device == dev, "mix_fn: PlanarF16 (or an fp16/fp32 tensor) [M, n D]"
+    return w
+
+
+def hc_post(f, x, post, m, f_add=None, sumsq: bool = False, gram: bool = False, mix_fn=None):
+    """y [T, n, D] (the contract above), then, as a tuple with it, per program (column block,
+    HC_BLOCK_D wide, HC_MIX_BLOCK_D with mix_fn; S = D / block of them): with sumsq, ss [T, S]
+    the partial sums of y[t]^2, which hc_head_split takes (`ss=`) in place of re-reading the
+    16384-wide row for its RMS norm (with gram too, each is its Gram partial's trace); with
+    gram, the Gram partials [T, S, n, n] of y[t]'s streams for hc_split_norm_gram; with mix_fn
+    [M, n D], the next mix's split-K partials [S, T, M] (hc_post_mix_ref), summed by the splits."""
     f = f.contiguous()
     t, n = _check_streams(x, f, post, m, *(() if f_add is None else (f_add,)))
     d = x.shape[2]
     assert f.shape[-1] == d and f.dim() in (2, 3), "f: [T, D] or partials [T, P, D]"
     y = torch.empty_like(x)
-    blocks = triton.cdiv(d, HC_BLOCK_D)
-    extras = []
+    block = HC_BLOCK_D if mix_fn is None else HC_MIX_BLOCK_D
+    blocks = triton.cdiv(d, block)
+    ss = g = mix = w = None
     if sumsq:
-        assert blocks & (blocks - 1) == 0, "sumsq: D / HC_BLOCK_D a power of two (the split kernel's arange)"
-        extras.append(torch.empty(t, blocks, dtype=torch.float32, device=x.device))
+        assert blocks & (blocks - 1) == 0, "sumsq: D / block a power of two (the split kernel's arange)"
+        ss = torch.empty(t, blocks, dtype=torch.float32, device=x.device)
     if gram:
-        extras.append(torch.empty(t, blocks, n, n, dtype=torch.float32, device=x.device))
+        g = torch.empty(t, blocks, n, n, dtype=torch.float32, device=x.device)
+    if mix_fn is not None:
+        w = _mix_weight(mix_fn, n, d, x.device)
+        mix = torch.empty(blocks, t, w.shape[0], dtype=torch.float32, device=x.device)
     grid = (t, blocks)
     _hc_post_kernel[grid](
-        f, f if f_add is None else f_add, x, post, m, y, extras[0] if sumsq else y, extras[-1] if gram else y, d,
-        N=n, P=f.shape[1] if f.dim() == 3 else 1, HAS_ADD=f_add is not None, BLOCK_D=HC_BLOCK_D, SUMSQ=sumsq,
-        GRAM=gram, **pdl.launch(grid), num_warps=4)
+        f, f if f_add is None else f_add, x, post, m, y, y if ss is None else ss, y if g is None else g,
+        y if w is None else w, y if mix is None else mix, d, N=n, P=f.shape[1] if f.dim() == 3 else 1,
+        HAS_ADD=f_add is not None, BLOCK_D=block, SUMSQ=sumsq, GRAM=gram, MIX=w is not None,
+        M=1 if w is None else w.shape[0], MP=1 if w is None else triton.next_power_of_2(w.shape[0]),
+        **pdl.launch(grid), num_warps=4)
+    extras = [a for a in (ss, g, mix) if a is not None]
     return (y, *extras) if extras else y
 
 

@@ -229,3 +229,97 @@ def test_hc_split_norm_from_gram_partials(t, d):
     post, m = hc_split_norm_gram(mix, scale, base, *split, gram, parts="comb")
     for a, b in zip((h, post, m, *hq_h), (*fused, *hq)):
         assert torch.equal(a, b)
+
+
+def _mix_fn(rows, k, seed, planar=True):
+    """A next-sublayer HC fn [rows, k] as production holds it (PlanarF16), or as an fp32 tensor."""
+    from dwarfstar.kernels.repack import PlanarF16
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=dev).manual_seed(seed)
+    w = (torch.randn(rows, k, generator=g, device=dev) * 0.05).half()
+    return PlanarF16(w) if planar else w.float()
+
+
+def _on_gpu(a):
+    return a.device.type == "cuda"
+
+
+@pytest.mark.parametrize("t,d,rows", [(1, 512, 24), (2, 200, 24), (2, 256, 4)])
+def test_hc_post_mix_keeps_y_and_the_norm_partials(t, d, rows):
+    """hc_post(mix_fn=...): y as without it, and ss / Gram partials over the narrower blocks
+    whose totals are y's sum of squares and Gram matrix (fp32 order vs float64: 1e-6, as the
+    default path's); asking for the mix alone gives the same y and partials bit for bit."""
+    from dwarfstar.kernels.hc import HC_MIX_BLOCK_D, hc_post
+
+    (f, x, post, m), _ = _post_then_split_inputs(t, d, 11 * t + d)
+    fn = _mix_fn(rows, HC_N * d, t + d)
+    y0, ss0, gram0 = hc_post(f, x, post, m, f, sumsq=True, gram=True)
+    y, ss, gram, mix = hc_post(f, x, post, m, f, sumsq=True, gram=True, mix_fn=fn)
+    blocks = -(-d // HC_MIX_BLOCK_D)
+    assert ss.shape == (t, blocks) and gram.shape == (t, blocks, HC_N, HC_N) and mix.shape == (blocks, t, rows)
+    if _on_gpu(y):
+        # Other block widths give the 4-term stream sum another thread layout, which may reassociate it.
+        assert _rel_l2(y, y0) < 1e-6
+    else:
+        assert torch.equal(y, y0)
+    yd = y0.double()
+    want = yd.reshape(t, -1).square().sum(1)
+    gram_want = torch.einsum("tid,tjd->tij", yd, yd)
+    for s, g in ((ss, gram), (ss0, gram0)):
+        assert ((s.double().sum(1) - want).abs() / want).max().item() < 1e-6
+        assert ((g.double().sum(1) - gram_want).abs().max() / gram_want.abs().max()).item() < 1e-6
+    y1, mix1 = hc_post(f, x, post, m, f, mix_fn=fn)
+    assert torch.equal(y1, y) and torch.equal(mix1, mix)
+
+
+@pytest.mark.parametrize("t,d,rows,planar", [(1, 512, 24, True), (2, 256, 24, True), (1, 256, 4, True),
+                                             (2, 200, 4, True), (2, 256, 5, False)])
+def test_hc_post_mix_partials_match_twin(t, d, rows, planar, tol):
+    """The mix partials [S, T, M] vs the twin in float32 and float64, and their sum over S vs
+    the float64 fn . y: fp16 weights are exact in fp32, so only the fp32 sums of 4 x 128 products
+    per partial differ (fp32_matvec). M = 24 and 4 (Flash's layer and head fn) pad to 32 and 4
+    rows, 5 to 8; D = 200 leaves the last block part-masked."""
+    from dwarfstar.kernels.hc import HC_MIX_BLOCK_D, hc_post, hc_post_mix_ref
+
+    (f, x, post, m), _ = _post_then_split_inputs(t, d, 13 * t + d)
+    fn = _mix_fn(rows, HC_N * d, 3 * t + d, planar)
+    y, mix = hc_post(f, x, post, m, mix_fn=fn)
+    twin = hc_post_mix_ref(y, fn, HC_MIX_BLOCK_D)
+    oracle = hc_post_mix_ref(y.double(), fn, HC_MIX_BLOCK_D)
+    assert twin.dtype == torch.float32 and twin.shape == mix.shape == (-(-d // HC_MIX_BLOCK_D), t, rows)
+    assert torch.isfinite(mix).all()
+    assert _rel_l2(mix, twin) < tol("fp32_matvec")
+    for a in (mix, twin):
+        assert _rel_l2(a, oracle) < tol("fp32_matvec")
+    w = (fn.w if planar else fn).double()
+    full = y.double().reshape(t, -1) @ w.T                  # [T, M], the unsplit product
+    # The float64 twin's blocks cover every column once: equal to the unsplit product to float64 order.
+    assert _rel_l2(oracle.sum(0), full) < 1e-12
+    assert _rel_l2(mix.sum(0), full) < tol("fp32_matvec")
+
+
+@pytest.mark.parametrize("t,d", [(1, 512), (2, 256)])
+def test_hc_splits_take_hc_post_mix_partials(t, d, tol):
+    """Decode's use: the splits fed hc_post's mix partials equal the same splits fed the split-K
+    mat-vec of hc_post's rows (matvec_split_k, today's separate launch). The mixes differ by fp32
+    order only (~1e-7 relative), and the sigmoids / Sinkhorn do not amplify that past fp32_matvec."""
+    from dwarfstar.kernels.hc import hc_post, hc_split_norm_gram
+    from dwarfstar.kernels.matvec import matvec_split_k
+
+    (f, x, post, m), (_, scale, base, weight) = _post_then_split_inputs(t, d, 17 * t + d)
+    fn = _mix_fn((2 + HC_N) * HC_N, HC_N * d, 5 * t + d)
+    y, gram, mix = hc_post(f, x, post, m, f, gram=True, mix_fn=fn)
+    rows = y.reshape(t, -1)
+    split = (HC_N, HC_ITERS, HC_EPS, rows, NORM_EPS, weight)
+    got = hc_split_norm_gram(mix, scale, base, *split, gram)
+    want = hc_split_norm_gram(matvec_split_k(fn, rows), scale, base, *split, gram)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all() and _rel_l2(a, b) < tol("fp32_matvec")
+    # The output head: fn of n rows, its RMS norm from hc_post's sums of squares.
+    head = _mix_fn(HC_N, HC_N * d, 7 * t + d)
+    y, ss, mix = hc_post(f, x, post, m, f, sumsq=True, mix_fn=head)
+    rows = y.reshape(t, -1)
+    got = hc_head_split(mix, scale, base[:HC_N], HC_EPS, rows, NORM_EPS, ss=ss)
+    want = hc_head_split(matvec_split_k(head, rows), scale, base[:HC_N], HC_EPS, rows, NORM_EPS)
+    assert torch.isfinite(got).all() and _rel_l2(got, want) < tol("fp32_matvec")

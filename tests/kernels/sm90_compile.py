@@ -4,7 +4,7 @@ The CPU interpreter runs Triton kernels without compiling them, so it misses wha
 compiler rejects (a non-constexpr global read in a kernel, an op with no lowering, a layout
 the backend refuses). This compiles, through Triton's own ptxas for an H100/H200 target:
 - the kernels listed in `cases()` at the Flash-shape settings production and the candidates use
-  (the kernels changed for the int8 path, the HC split from Gram partials);
+  (the kernels changed for the int8 path, the HC split from Gram partials, hc_post with the next mix);
 - with argv[1] (JSON from record_launches.py), every specialisation a tiny decode step and
   prefill launched under the interpreter, production and int8 ops, PDL-aware kernels also in
   their PDL form (kernels/pdl.py).
@@ -65,13 +65,20 @@ def cases():
     split = dict(mix_ptr=F32, scale_ptr=F32, base_ptr=F32, x_ptr=F32, pre_ptr=F32, post_ptr=F32, m_ptr=F32,
                  w_ptr=F32, h_ptr=F32, eps="fp32", norm_eps="fp32", T="i32", K="i32", hw_ptr=I32, hs_ptr=F32,
                  hq_ptr=I32, ss_ptr=F32)
+    post = dict(f_ptr=F32, add_ptr=F32, x_ptr=F32, post_ptr=F32, m_ptr=F32, y_ptr=F32, ss_ptr=F32, gram_ptr=F32,
+                fn_ptr=F16, mix_ptr=F32, D="i32")
+    # hc_post writing the next sublayer's mix partials (fn read before the PDL wait): a layer's fn
+    # (M = 24 padded to 32) after attention (P = 1) and after the MoE (6 routed partials), the head's.
+    for p, m, pdl in ((1, 24, False), (6, 24, True), (6, 4, True)):
+        yield f"hc_post mix M={m} P={p} PDL={pdl}", hc._hc_post_kernel, post, dict(
+            N=4, P=p, HAS_ADD=True, BLOCK_D=hc.HC_MIX_BLOCK_D, SUMSQ=True, GRAM=True, MIX=True, M=m,
+            MP=triton.next_power_of_2(m), PDL=pdl)
     for quant in (False, True):
         yield f"hc_split_norm quant={quant} sumsq={quant}", hc._hc_split_kernel, split, dict(
             N=4, M=24, S=32, ITERS=20, FULL=True, HAS_X=True, NORMED=True, BLOCK=1024, QUANT=quant, USE_ASM=True,
             NSS=8 if quant else 0)
-        yield f"hc_post sumsq={quant} gram={quant}", hc._hc_post_kernel, dict(
-            f_ptr=F32, add_ptr=F32, x_ptr=F32, post_ptr=F32, m_ptr=F32, y_ptr=F32, ss_ptr=F32, gram_ptr=F32,
-            D="i32"), dict(N=4, P=12, HAS_ADD=True, BLOCK_D=hc.HC_BLOCK_D, SUMSQ=quant, GRAM=quant)
+        yield f"hc_post sumsq={quant} gram={quant}", hc._hc_post_kernel, post, dict(
+            N=4, P=12, HAS_ADD=True, BLOCK_D=hc.HC_BLOCK_D, SUMSQ=quant, GRAM=quant, MIX=False, M=1, MP=1)
         # quant: production's two launches (h with its int8 form; post + Sinkhorn), else both in one.
         for parts in ((True, False), (False, True)) if quant else ((True, True),):
             yield f"hc_split_norm_gram quant={quant} h, comb={parts}", hc._hc_split_gram_kernel, dict(

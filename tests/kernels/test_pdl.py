@@ -22,7 +22,11 @@ PREFILL_ONLY = {"_dequant_kernel", "_gemm_q8_kernel", "_prefill_sparse_kernel"}
 EARLY_WEIGHTS = {
     "_q8_i8_kernel": ("PDL & HAS_IDS", "PDL & (not HAS_IDS)", {"tl.program_id", "slot_rows", "_q8_tile"},
                       {"qs_ptr", "d_ptr"}),
+    # hc_post with the next HC mix: the mix weight's tile (fn, never written) before the wait.
+    "_hc_post_kernel": ("PDL & (not MIX)", "PDL & MIX", {"_mix_fn_tile"}, {"fn_ptr"}),
 }
+# The weight-tile loaders an EARLY_WEIGHTS kernel may call before its wait.
+TILE_LOADS = {"_q8_tile", "_mix_fn_tile"}
 
 
 def _jit_kernels(tree):
@@ -41,7 +45,7 @@ def _first_statement(fn: ast.FunctionDef) -> ast.stmt:
 
 def _check_early_weights(fn: ast.FunctionDef, first: str, last: str, calls: set, weights: set) -> None:
     """fn waits first when `first` holds; otherwise, until its wait on `last`, it only calls
-    `calls`, and the tile loads among them (`_q8_tile`) read only `weights`. slot_rows reads ids
+    `calls`, and the tile loads among them (TILE_LOADS) read only `weights`. slot_rows reads ids
     only with HAS_IDS, which is `first`'s case."""
     assert ast.unparse(_first_statement(fn)) == f"wait_for_inputs({first})", fn.name
     body = [ast.unparse(st) for st in fn.body]
@@ -51,7 +55,7 @@ def _check_early_weights(fn: ast.FunctionDef, first: str, last: str, calls: set,
             name = ast.unparse(call.func)
             assert name in calls, f"{fn.name}: {name} before the wait"
             read = {n.id for a in call.args for n in ast.walk(a) if isinstance(n, ast.Name) and n.id.endswith("_ptr")}
-            assert name != "_q8_tile" or read <= weights, f"{fn.name} reads {read - weights} before the wait"
+            assert name not in TILE_LOADS or read <= weights, f"{fn.name} reads {read - weights} before the wait"
 
 
 def _launches(tree, name):
