@@ -39,6 +39,8 @@ VARIANTS = {
     "iq2-w4": {"set": {"moe_nvrtc.ROWS_WARPS": 4}},
     "no-comp-branch": {"set": {"forward.ATTN_COMPRESSOR_BRANCH": False}},
     "no-kv-branch": {"set": {"forward.KV_ROW_BRANCH": False}},
+    "no-mix-in-post": {"set": {"forward.HC_MIX_IN_POST": False}},
+    "late-compressors": {"set": {"forward.EARLY_COMPRESSORS": False}},
     "no-pdl": {"set": {"pdl.ENABLED": False}},
     "pdl-small": {"set": {"pdl.MAX_PROGRAMS": 264}},          # grids of at most two waves of 132 SMs
 }

@@ -60,7 +60,7 @@ from dwarfstar.kernels.prefill_attend import attend_chunk, attend_dtype
 from dwarfstar.kernels.prefill_moe import gemm_dtype, matmul_f32, prefill_moe
 from dwarfstar.kernels.prefill_q8 import gemm_q8, gemm_q8_ref
 from dwarfstar.kernels.prefill_sparse import attend_prefill
-from dwarfstar.kernels.repack import Planar, PlanarQ8_0, dequantize_planar, select_experts
+from dwarfstar.kernels.repack import Planar, PlanarF16, PlanarQ8_0, dequantize_planar, select_experts
 from dwarfstar.kernels.rounding import hadamard_round, index_round, kv_round, stable_topk
 from dwarfstar.kernels.rounding import index_scores as index_scores_kernel
 from dwarfstar.kernels.route import route as route_kernel
@@ -175,6 +175,12 @@ ATTN_COMPRESSOR_BRANCH = True
 # Decode: this token's KV row on its own branch (level 4) beside the query heads' projection,
 # instead of on the main stream before it (bench/decode_variants.py A/B).
 KV_ROW_BRANCH = True
+# Decode: hc_post also writes the next sublayer's (or the head's) HC mix partials, so the mix
+# mat-vec is no launch of its own on the critical path (bench/decode_variants.py A/B).
+HC_MIX_IN_POST = True
+# Decode with the fused indexer: the compressors' branch forks before the query projections
+# (forward.compress_step) instead of after q_a and its norm (A/B).
+EARLY_COMPRESSORS = True
 TWIN_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False)
 # Twins of the mat-vecs with the Triton glue (CPU interpreter checks of the glue wiring).
 TWIN_GLUE_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False, True)
@@ -433,7 +439,7 @@ class ForwardModel:
         if t <= MAX_COLS:
             # The HC RMS norm folded into hc_split: the mat-vec reads the raw rows and hc_split
             # scales the mix by rsqrt(mean(rows^2) + eps) (one launch and a 64 KB pass fewer).
-            mix = self.hc_mix(fn, rows)                              # [(S,) T, (2+n)n]
+            mix = self.hc_mix(fn, x)                                 # [(S,) T, (2+n)n]
             _, gram = self._row_partials(x)
             if self.ops.hc_split is hc_split and self.ops.glue:
                 # The weighted sum and the sublayer's RMS norm in the same launch; with int8
@@ -463,28 +469,38 @@ class ForwardModel:
             pre, post, m = self.ops.hc_split(mix, scale, base, n, c.hc_sinkhorn_iters, c.hc_eps)
         return self.norm(self.hc_sum(x, pre), norm_weight), post, m
 
-    def hc_mix(self, fn: Planar, rows: torch.Tensor) -> torch.Tensor:
-        """The HC mat-vec of T <= MAX_COLS raw rows: with the Triton mat-vec, split-K partials
-        [S, T, M] (few rows, K = n D: one program per row block starves the GPU), which
-        hc_split / hc_head_split sum; else the [T, M] product."""
+    def hc_mix(self, fn: Planar, x: torch.Tensor) -> torch.Tensor:
+        """The HC mat-vec of T <= MAX_COLS streams x [T, n, D] (their raw rows): the partials
+        hc_post wrote for fn, if it did; with the Triton mat-vec, split-K partials [S, T, M] (few
+        rows, K = n D: one program per row block starves the GPU), which hc_split /
+        hc_head_split sum; else the [T, M] product."""
+        last = self._hc_partials
+        if last is not None and last[0] is x and last[3] is fn:
+            return last[4]
+        rows = x.reshape(x.shape[0], -1)
         if self.ops.matvec is matvec:
             return matvec_split_k(fn, rows)
         return self.proj(fn, rows)
 
-    def hc_post(self, f, x, post, m, f_add=None):
-        """f: the sublayer output [T, D] or its partials [T, P, D]; f_add [T, D] added to it."""
+    def hc_post(self, f, x, post, m, f_add=None, next_fn: Planar | None = None):
+        """f: the sublayer output [T, D] or its partials [T, P, D]; f_add [T, D] added to it;
+        next_fn: the HC weight of the mix that will read the result (the next sublayer's or the
+        head's), whose mix partials decode's hc_post then writes too (HC_MIX_IN_POST)."""
         self.join_branch(level=2)
         self._hc_comb_inputs = None
         if self.ops.hc_gram and self.ops.glue and self.ops.hc_split is hc_split and x.shape[0] <= MAX_COLS:
-            y, ss, gram = hc_post(f, x, post, m, f_add, sumsq=True, gram=True)
-            self._hc_partials = (y, ss, gram)
-            return y
+            # The fused mix is the split-K mat-vec's function (fp32 partials over column blocks),
+            # so only where that mat-vec is the one in use.
+            fuse = HC_MIX_IN_POST and isinstance(next_fn, PlanarF16) and self.ops.matvec is matvec
+            out = hc_post(f, x, post, m, f_add, sumsq=True, gram=True, mix_fn=next_fn if fuse else None)
+            self._hc_partials = (*out[:3], next_fn if fuse else None, out[3] if fuse else None)
+            return out[0]
         return (hc_post if self.ops.glue else hc_post_ref)(f, x, post, m, f_add)
 
     def _row_partials(self, x):
         """(sums of squares, Gram partials) hc_post wrote for these HC rows, or Nones."""
         last = self._hc_partials
-        return last[1:] if last is not None and last[0] is x else (None, None)
+        return last[1:3] if last is not None and last[0] is x else (None, None)
 
     def hc_sum(self, x, weights):
         """sum_i weights[t, i] x[t, i]: [T, n, D] -> [T, D]."""
@@ -501,7 +517,7 @@ class ForwardModel:
         scale, base = self.t["output_hc_scale.weight"], self.t["output_hc_base.weight"]
         if t <= MAX_COLS:
             # Sigmoid weights with the HC RMS norm folded in (as hc_pre), one launch.
-            mix = self.hc_mix(self.t["output_hc_fn.weight"], rows)
+            mix = self.hc_mix(self.t["output_hc_fn.weight"], x)
             ss, _ = self._row_partials(x)
             if ss is not None:
                 wts = hc_head_split(mix, scale, base, c.hc_eps, rows, c.norm_eps, ss=ss)
@@ -514,23 +530,29 @@ class ForwardModel:
         y = self.norm(self.hc_sum(x, wts.contiguous()), self.t["output_norm.weight"])
         return self.proj(self.t["output.weight"], y)                          # [T, V]
 
-    def block(self, x, tokens, positions, layer: Layer, s: CudaLayerState, state, chunk_t0):
+    def block(self, x, tokens, positions, layer: Layer, s: CudaLayerState, state, chunk_t0, next_fn=None):
+        """One layer; next_fn: the HC weight of the mix after it (the next layer's or the head's)."""
         w = layer.w
         self._quantized.clear()
         h, post, m = self.hc_pre(x, w["hc_attn_fn"], w["hc_attn_scale"], w["hc_attn_base"], w["attn_norm"])
         f = self.attention(h, positions, layer, s, state, chunk_t0)
-        x = self.hc_post(f, x, post, m)
+        x = self.hc_post(f, x, post, m, next_fn=w["hc_ffn_fn"])
         h, post, m = self.hc_pre(x, w["hc_ffn_fn"], w["hc_ffn_scale"], w["hc_ffn_base"], w["ffn_norm"])
         if chunk_t0 is None:
             routed, shared = self.moe_step(h, tokens, layer)
-            return self.hc_post(routed, x, post, m, shared)
-        return self.hc_post(self.moe_chunk(h, tokens, layer), x, post, m)
+            return self.hc_post(routed, x, post, m, shared, next_fn=next_fn)
+        return self.hc_post(self.moe_chunk(h, tokens, layer), x, post, m, next_fn=next_fn)
+
+    def _next_fns(self) -> list:
+        """Per layer, the HC weight of the mix that reads its output: the next layer's attention
+        one, the head's after the last."""
+        return [layer.w["hc_attn_fn"] for layer in self.layers[1:]] + [self.t["output_hc_fn.weight"]]
 
     def step(self, state: CudaDecodeState) -> None:
         """One graph-safe decode step for `state.token` at `state.pos`."""
         x = self.embed(state.token)                                            # [1, n, D]
-        for layer, s in zip(self.layers, state.layers):
-            x = self.block(x, state.token, state.pos, layer, s, state, None)
+        for layer, s, next_fn in zip(self.layers, state.layers, self._next_fns()):
+            x = self.block(x, state.token, state.pos, layer, s, state, None, next_fn)
         state.logits.copy_(self.head(x)[0])
         w = self.config.window_size
         state.ring_pos.index_copy_(0, state.pos % w, state.pos)
@@ -547,8 +569,8 @@ class ForwardModel:
             ids = ids.to(self.device)
         positions = torch.arange(t0, t0 + t, device=self.device)
         x = self.embed(ids)
-        for layer, s in zip(self.layers, state.layers):
-            x = self.block(x, ids, positions, layer, s, state, t0)
+        for layer, s, next_fn in zip(self.layers, state.layers, self._next_fns()):
+            x = self.block(x, ids, positions, layer, s, state, t0, next_fn)
         state.logits.copy_(self.head(x[-1:])[0])
         w = self.config.window_size
         keep = positions[-w:]
@@ -561,6 +583,12 @@ class ForwardModel:
     def attention(self, h, positions, layer: Layer, s: CudaLayerState, state, chunk_t0):
         c, w = self.config, layer.w
         t, n_heads, d = h.shape[0], c.n_heads, c.head_dim
+        # Decode with the fused indexer: the compressors need h only, so their branch forks
+        # before the query projections (the indexer's query joins it once qr exists).
+        early = chunk_t0 is None and self.ops.glue and layer.ratio > 0 and "index" in self.ops.fused \
+            and EARLY_COMPRESSORS
+        if early:
+            index_wts = self.on_branch(self.compress_step, h, positions, layer, s)
         qa = self.proj_part(w["wq_a"], h)
         if self._writes_int8(t, qa.shape[-1], w["wq_b"]):
             qr, qq = glue_rms_norm(qa, w["q_norm"], c.norm_eps, quantize=True)    # q_b takes qq
@@ -574,7 +602,12 @@ class ForwardModel:
         kv_args = (kv_in, w["kv_norm"], positions, layer.omega)
         kv = self.on_branch(self.kv_row, *kv_args, level=4) if step and KV_ROW_BRANCH else self.kv_row(*kv_args)
         comp = idx = None
-        if step and layer.ratio > 0:
+        if early:
+            comp = s.comp
+            if layer.ratio == OVERLAP_RATIO:
+                q_index = self.on_branch(self.index_query, qr, positions, w, layer.omega, level=1)
+                idx = self.on_branch(self.select_rows_step, q_index, index_wts, positions, s)
+        elif step and layer.ratio > 0:
             # Decode: the compressors and the indexer run first (rows emitted at pos are visible
             # to pos), on the branch stream while the query heads are projected.
             comp, idx = self.on_branch(self.compressed_keys, h, qr, positions, layer, s, None, True)
@@ -727,6 +760,40 @@ class ForwardModel:
         if as_indices:
             return rows, top[0]
         return rows.index_select(0, top[0]), visible.gather(1, top)
+
+    def compress_step(self, h, positions, layer: Layer, s: CudaLayerState):
+        """Decode, on branch level 0 (fused indexer): both compressors of this token (the
+        attention rows' one on level 3 beside the indexer's on ratio-4 layers) -> the indexer's
+        head weights (a view of the merged mat-vec, which it keeps alive) on ratio-4 layers, else
+        None. `select_rows_step` then finishes the indexer on the same branch."""
+        w, r = layer.w, layer.ratio
+        comp = (w["compressor_wkv"], w["compressor_wgate"], w["compressor_ape"], w["compressor_norm"])
+        args = (h, positions, None, s.comp_kv, s.comp_score, s.comp, comp, r, layer.omega, self.kv_rounding)
+        if r != OVERLAP_RATIO:
+            self.compress(*args, kv_rows=True)
+            return None
+        # The merged mat-vec (compressors and indexer weights) first, so both branches slice it.
+        index_wts = self.proj_part(w["indexer_weights_proj"], h)
+        if ATTN_COMPRESSOR_BRANCH:
+            self.on_branch(self.compress, *args, True, level=3)
+        else:
+            self.compress(*args, kv_rows=True)
+        idx_w = (w["indexer_compressor_wkv"], w["indexer_compressor_wgate"], w["indexer_compressor_ape"],
+                 w["indexer_compressor_norm"])
+        self.compress(h, positions, None, s.index_kv, s.index_score, s.index, idx_w, r, layer.omega,
+                      lambda v: self.index_rounding(v, is_cached=True))
+        return index_wts
+
+    def select_rows_step(self, q_index, index_wts, pos, s: CudaLayerState) -> torch.Tensor:
+        """Decode, on branch level 0 after `compress_step`: the indexer's top-k row indices
+        [k_eff] over every allocated row, once its query (level 1) and the attention rows
+        (level 3) are done."""
+        c = self.config
+        self.join_branch(level=1)
+        self.join_branch(level=3)
+        score = index_scores_kernel(q_index, index_wts.view(c.index_n_heads).contiguous(), s.index, pos,
+                                    OVERLAP_RATIO, math.sqrt(c.index_head_dim * c.index_n_heads))
+        return select_topk(score, min(c.index_topk, s.comp.shape[0]))[0]
 
     def index_scores(self, qr, h, positions, rows, w, omega) -> torch.Tensor:
         c = self.config
