@@ -22,11 +22,11 @@ import torch
 from cuda_decode_bench import fill_state, flash_config, time_graph
 from dwarfstar.engine.cuda_engine import CudaEngine
 from dwarfstar.engine.engine import EngineOptions
-from dwarfstar.kernels import attend, hc, moe_nvrtc, pdl, rounding
+from dwarfstar.kernels import attend, moe_nvrtc, pdl, rounding
 from dwarfstar.model import forward
 
 FP32 = {"q8_matvec": None, "q8_expert_matvec": None, "q8_gemm": None}     # TRITON_OPS's mat-vecs
-MODULES = {"attend": attend, "forward": forward, "hc": hc, "moe_nvrtc": moe_nvrtc, "pdl": pdl, "rounding": rounding}
+MODULES = {"attend": attend, "forward": forward, "moe_nvrtc": moe_nvrtc, "pdl": pdl, "rounding": rounding}
 VARIANTS = {
     "base": {},
     "fp32-dense": {"ops": FP32},
@@ -41,7 +41,6 @@ VARIANTS = {
     "no-kv-branch": {"set": {"forward.KV_ROW_BRANCH": False}},
     "no-mix-in-post": {"set": {"forward.HC_MIX_IN_POST": False}},
     "late-compressors": {"set": {"forward.EARLY_COMPRESSORS": False}},
-    "gram-chain": {"set": {"hc.GRAM_TILED": False}},
     "no-pdl": {"set": {"pdl.ENABLED": False}},
     "pdl-small": {"set": {"pdl.MAX_PROGRAMS": 264}},          # grids of at most two waves of 132 SMs
 }

@@ -248,8 +248,6 @@ def hc_head_split(mix, scale, base, eps: float, x=None, norm_eps: float = 0.0, s
 # order (the norms' sums are associated differently).
 
 GRAM_SLICE = 256
-# Sum the G Gram partials as one tile (G a power of two) rather than a chain of G loads (A/B switch).
-GRAM_TILED = True
 
 
 @triton.jit
@@ -257,7 +255,7 @@ def _hc_split_gram_kernel(mix_ptr, scale_ptr, base_ptr, x_ptr, gram_ptr, pre_ptr
                           eps, norm_eps, T, D, hw_ptr, hs_ptr, hq_ptr, N: tl.constexpr, M: tl.constexpr,
                           S: tl.constexpr, ITERS: tl.constexpr, G: tl.constexpr, SLICE: tl.constexpr,
                           QUANT: tl.constexpr, USE_ASM: tl.constexpr, H: tl.constexpr = True,
-                          COMB: tl.constexpr = True, TILED: tl.constexpr = False, PDL: tl.constexpr = False):
+                          COMB: tl.constexpr = True, PDL: tl.constexpr = False):
     """Program (row, part): part < D / SLICE (H) a slice of h; the next one (COMB) post and m."""
     wait_for_inputs(PDL)
     row = tl.program_id(0)
@@ -265,16 +263,9 @@ def _hc_split_gram_kernel(mix_ptr, scale_ptr, base_ptr, x_ptr, gram_ptr, pre_ptr
     row64 = row.to(tl.int64)
     i = tl.arange(0, N)
     ij = i[:, None] * N + i[None, :]
-    if TILED:
-        # One [G, n n] tile and a tree sum: with hc_post's mix (G = 32 partials) a chain of G
-        # loads and adds cost ~1 µs per launch on the H200 (bench/decode_variants.py gram-chain).
-        b = tl.arange(0, G)
-        nn = tl.arange(0, N * N)
-        gram = tl.reshape(tl.sum(tl.load(gram_ptr + (row64 * G + b[:, None]) * N * N + nn[None, :]), axis=0), [N, N])
-    else:
-        gram = tl.load(gram_ptr + row64 * G * N * N + ij)
-        for b in tl.static_range(1, G):
-            gram += tl.load(gram_ptr + (row64 * G + b) * N * N + ij)
+    gram = tl.load(gram_ptr + row64 * G * N * N + ij)
+    for b in tl.static_range(1, G):
+        gram += tl.load(gram_ptr + (row64 * G + b) * N * N + ij)
     k = N * D
     trace = tl.sum(tl.sum(tl.where(i[:, None] == i[None, :], gram, 0.0), axis=1), axis=0)
     r = 1.0 / tl.sqrt_rn(trace / k + norm_eps)
@@ -329,7 +320,7 @@ def hc_split_norm_gram(mix, scale, base, n: int, iters: int, eps: float, x, norm
     _hc_split_gram_kernel[grid](
         mix, scale, base, x, gram, pre, post, m, weight, h, eps, norm_eps, t, d, *hq,
         N=n, M=width, S=s, ITERS=iters, G=g, SLICE=slice_, QUANT=quantize and with_h, USE_ASM=dev.type == "cuda",
-        H=with_h, COMB=with_comb, TILED=GRAM_TILED and g & (g - 1) == 0, **pdl.launch(grid), num_warps=2)
+        H=with_h, COMB=with_comb, **pdl.launch(grid), num_warps=2)
     if parts == "comb":
         return post, m
     out = (h, post, m) if with_comb else (h,)

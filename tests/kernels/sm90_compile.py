@@ -84,9 +84,9 @@ def cases():
             yield f"hc_split_norm_gram quant={quant} h, comb={parts}", hc._hc_split_gram_kernel, dict(
                 mix_ptr=F32, scale_ptr=F32, base_ptr=F32, x_ptr=F32, gram_ptr=F32, pre_ptr=F32, post_ptr=F32,
                 m_ptr=F32, w_ptr=F32, h_ptr=F32, eps="fp32", norm_eps="fp32", T="i32", D="i32", hw_ptr=I32,
-                hs_ptr=F32, hq_ptr=I32), dict(N=4, M=24, S=32, ITERS=20, G=32 if quant else 8, SLICE=hc.GRAM_SLICE,
+                hs_ptr=F32, hq_ptr=I32), dict(N=4, M=24, S=32, ITERS=20, G=8, SLICE=hc.GRAM_SLICE,
                                               QUANT=quant and parts[0], USE_ASM=True, H=parts[0], COMB=parts[1],
-                                              TILED=quant, PDL=quant)
+                                              PDL=quant)
         yield f"rms_norm quant={quant}", glue._rms_norm_kernel, dict(
             x_ptr=F32, w_ptr=F32, y_ptr=F32, D="i32", eps="fp32", qw_ptr=I32, qs_ptr=F32, qq_ptr=I32), dict(
             HAS_W=True, BLOCK=1024, QUANT=quant, USE_ASM=True)
