@@ -141,12 +141,10 @@ def _dp4a(a, b, c, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def store_int8_act(v, words_ptr, scale_ptr, qsum_ptr, R: tl.constexpr, USE_ASM: tl.constexpr):
-    """`quantize_act` of R * 32 consecutive activations v (float32 [R * 32]): stores their words
-    [R * 8] (word w packs q[4w..4w+3], q[4w] in the low byte), scales [R] (per 32) and integer
-    sums [R * 2] (per 16) at these pointers (the caller offsets them). The quantiser kernel and
-    producer kernels that write their output's int8 form (hc_split_norm, glue, the attention
-    combine) all come here."""
+def int8_act_tile(v, R: tl.constexpr, USE_ASM: tl.constexpr):
+    """`quantize_act` of R * 32 consecutive activations v (float32 [R * 32]) in registers ->
+    (words int32 [R * 8] (word w packs q[4w..4w+3], q[4w] in the low byte), scales [R] (per 32),
+    the integers q [R, 32])."""
     a = tl.reshape(v, [R, 32])
     amax = tl.max(tl.abs(a), axis=1)
     safe = tl.where(amax > 0, amax, 1.0)
@@ -161,8 +159,19 @@ def store_int8_act(v, words_ptr, scale_ptr, qsum_ptr, R: tl.constexpr, USE_ASM: 
         # rint by the 1.5 * 2**23 trick: exact round-half-even for |v| <= 127.
         q = ((v + 12582912.0) - 12582912.0).to(tl.int32)
     shift = 8 * tl.arange(0, 4)
-    tl.store(words_ptr + tl.arange(0, R * 8), tl.sum((tl.reshape(q, [R * 8, 4]) & 255) << shift[None, :], axis=1))
-    tl.store(scale_ptr + tl.arange(0, R), tl.div_rn(amax, tl.full([R], 127.0, tl.float32)))
+    words = tl.sum((tl.reshape(q, [R * 8, 4]) & 255) << shift[None, :], axis=1)
+    return words, tl.div_rn(amax, tl.full([R], 127.0, tl.float32)), q
+
+
+@triton.jit
+def store_int8_act(v, words_ptr, scale_ptr, qsum_ptr, R: tl.constexpr, USE_ASM: tl.constexpr):
+    """`quantize_act` of R * 32 consecutive activations v (float32 [R * 32]): stores their words
+    [R * 8], scales [R] (per 32) and integer sums [R * 2] (per 16) at these pointers (the caller
+    offsets them). The quantiser kernel and producer kernels that write their output's int8 form
+    (hc_split_norm, glue, the attention combine) all come here."""
+    words, scale, q = int8_act_tile(v, R, USE_ASM)
+    tl.store(words_ptr + tl.arange(0, R * 8), words)
+    tl.store(scale_ptr + tl.arange(0, R), scale)
     tl.store(qsum_ptr + tl.arange(0, R * 2), tl.sum(tl.reshape(q, [R * 2, 16]), axis=1))
 
 

@@ -54,11 +54,17 @@ def recorded(path: str):
 
 
 def cases():
-    mv = dict(qs_ptr=I32, d_ptr=F16, ids_ptr=I32, xw_ptr=I32, xs_ptr=F32, y_ptr=F32, N="i32", K="i32")
+    mv = dict(qs_ptr=I32, d_ptr=F16, ids_ptr=I32, xw_ptr=I32, xs_ptr=F32, y_ptr=F32, N="i32", K="i32", nw_ptr=F32,
+              eps="fp32")
     for has_ids, b, tiling in ((False, 1, matvec_int8.TILING), (False, 1, matvec_int8.TILING_SHORT_ROWS),
                                (True, 1, matvec_int8.TILING_SLOTS), (False, 4, matvec_int8.TILING)):
         yield "matvec_int8", matvec_int8._q8_i8_kernel, mv, dict(
-            HAS_IDS=has_ids, B=b, BP=triton.next_power_of_2(b), BLOCK_N=tiling[0], BLOCK_K=tiling[1], USE_ASM=True)
+            HAS_IDS=has_ids, B=b, BP=triton.next_power_of_2(b), BLOCK_N=tiling[0], BLOCK_K=tiling[1], USE_ASM=True,
+            NORM=False, KP=1)
+    # q_b from q_a's raw row, normed and rounded per program (matvec_q8(norm=)), as decode launches it.
+    bn, bk, _ = matvec_int8.TILING_SHORT_ROWS
+    yield "matvec_int8 norm", matvec_int8._q8_i8_kernel, dict(mv, xw_ptr=F32), dict(
+        HAS_IDS=False, B=1, BP=1, BLOCK_N=bn, BLOCK_K=bk, USE_ASM=True, NORM=True, KP=1024, PDL=True)
     yield "prefill_q8", prefill_q8._gemm_q8_kernel, dict(
         a_ptr=I8, sa_ptr=F32, b_ptr=I8, d_ptr=F16, y_ptr=F32, T="i32", N="i32", K="i32", G="i32"), dict(
         **dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), prefill_q8.TILES[:3])))

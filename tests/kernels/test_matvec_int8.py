@@ -88,3 +88,50 @@ def test_expert_matvec_q8_gpu_grouped_out_a(gen, check):
     x = torch.randn(8, 4096, generator=gen, device="cuda")
     expected = torch.einsum("snk,sk->sn", oracle_weight(raw, T.Q8_0, (8, 1024, 4096)), int8_rounded(x))
     check(expert_matvec_q8(w, ids, quantize_act(x)), expected, "int8_vs_twin")
+
+
+def norm_fold_case(n, k, gen, check, **kw):
+    """matvec_q8(norm=(x, weight, eps)) against the two launches it replaces (glue.rms_norm with
+    the int8 form, then matvec_q8) and against the float64 oracle of the normed, rounded row."""
+    from dwarfstar.kernels.glue import rms_norm
+
+    raw = random_raw(T.Q8_0, (n, k), gen)
+    w = repack(raw, T.Q8_0, (n, k))
+    x = torch.randn(1, k, generator=gen, device=gen.device) * 3
+    nw = torch.rand(k, generator=gen, device=gen.device) + 0.5
+    eps = 1e-6
+    y = matvec_q8(w, None, out=poisoned(1, n, x.device), norm=(x, nw, eps), **kw)
+    xn, xq = rms_norm(x, nw, eps, quantize=True)
+    two = matvec_q8(w, xq, **kw)
+    check(y, two, "int8_norm_fold")
+    wf = oracle_weight(raw, T.Q8_0, (n, k))
+    check(y, int8_rounded(xn) @ wf.T, "int8_norm_fold")
+    xd = x.double().cpu()
+    normed = xd * torch.rsqrt(xd.square().mean(-1, keepdim=True) + eps) * nw.double().cpu()
+    check(y, normed @ wf.T, "int8_act")
+    return y, two
+
+
+def test_matvec_q8_norm_fold_tiny(gen, check):
+    """Two K tiles (K = 512, BLOCK_K 256); under the interpreter both paths sum the squares in the
+    same order, so the codes and the output are the same bit for bit."""
+    y, two = norm_fold_case(37, 512, gen, check, tiling=(8, 256, 4))
+    if not y.is_cuda:
+        assert torch.equal(y, two)
+
+
+def test_matvec_q8_norm_fold_rejects_bad_inputs(gen):
+    w = repack(random_raw(T.Q8_0, (4, 512), gen), T.Q8_0, (4, 512))
+    nw = torch.ones(512, device=gen.device)
+    with pytest.raises(AssertionError, match="one dense row"):
+        matvec_q8(w, None, norm=(torch.randn(2, 512, device=gen.device), nw, 1e-6))
+    w3 = repack(random_raw(T.Q8_0, (4, 768), gen), T.Q8_0, (4, 768))
+    with pytest.raises(AssertionError, match="multiple of BLOCK_K"):
+        matvec_q8(w3, None, norm=(torch.randn(1, 768, device=gen.device), nw[:1].expand(768).contiguous(), 1e-6),
+                  tiling=(8, 512, 4))
+
+
+@pytest.mark.gpu
+def test_matvec_q8_norm_fold_gpu_q_b(gen, check):
+    """Decode's q_b at Flash shape: [32768, 1024] from q_a's raw row, production tiling."""
+    norm_fold_case(32768, 1024, gen, check)
