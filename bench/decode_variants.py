@@ -22,11 +22,12 @@ import torch
 from cuda_decode_bench import fill_state, flash_config, time_graph
 from dwarfstar.engine.cuda_engine import CudaEngine
 from dwarfstar.engine.engine import EngineOptions
-from dwarfstar.kernels import attend, moe_nvrtc, pdl, rounding
+from dwarfstar.kernels import attend, hc, matvec_int8, moe_nvrtc, pdl, rounding
 from dwarfstar.model import forward
 
 FP32 = {"q8_matvec": None, "q8_expert_matvec": None, "q8_gemm": None}     # TRITON_OPS's mat-vecs
-MODULES = {"attend": attend, "forward": forward, "moe_nvrtc": moe_nvrtc, "pdl": pdl, "rounding": rounding}
+MODULES = {"attend": attend, "forward": forward, "hc": hc, "matvec_int8": matvec_int8, "moe_nvrtc": moe_nvrtc,
+           "pdl": pdl, "rounding": rounding}
 VARIANTS = {
     "base": {},
     "fp32-dense": {"ops": FP32},
@@ -41,6 +42,13 @@ VARIANTS = {
     "no-kv-branch": {"set": {"forward.KV_ROW_BRANCH": False}},
     "no-mix-in-post": {"set": {"forward.HC_MIX_IN_POST": False}},
     "late-compressors": {"set": {"forward.EARLY_COMPRESSORS": False}},
+    "q-norm-launch": {"set": {"forward.Q_NORM_IN_QB": False}},
+    "gram-slice-128": {"set": {"hc.GRAM_SLICE": 128}},
+    "combine-d-64": {"set": {"attend.COMBINE_D": 64}},
+    "combine-d-256": {"set": {"attend.COMBINE_D": 256}},
+    "q8-short-8x1024": {"set": {"matvec_int8.TILING_SHORT_ROWS": (8, 1024, 4)}},
+    "q8-long-4x2048w8": {"set": {"matvec_int8.TILING": (4, 2048, 8)}},
+    "q8-slots-16x512": {"set": {"matvec_int8.TILING_SLOTS": (16, 512, 4)}},
     "no-pdl": {"set": {"pdl.ENABLED": False}},
     "pdl-small": {"set": {"pdl.MAX_PROGRAMS": 264}},          # grids of at most two waves of 132 SMs
 }

@@ -181,6 +181,9 @@ HC_MIX_IN_POST = True
 # Decode with the fused indexer: the compressors' branch forks before the query projections
 # (forward.compress_step) instead of after q_a and its norm (A/B).
 EARLY_COMPRESSORS = True
+# Decode: q_b takes q_a's raw row and norms and rounds it per program (matvec_q8(norm=)) instead
+# of a norm launch between the two projections (A/B).
+Q_NORM_IN_QB = True
 TWIN_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False)
 # Twins of the mat-vecs with the Triton glue (CPU interpreter checks of the glue wiring).
 TWIN_GLUE_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False, True)
@@ -527,8 +530,14 @@ class ForwardModel:
         else:
             mix = self.proj(self.t["output_hc_fn.weight"], self.norm(rows, None))
             wts = torch.sigmoid(scale[0] * mix + base) + c.hc_eps
-        y = self.norm(self.hc_sum(x, wts.contiguous()), self.t["output_norm.weight"])
-        return self.proj(self.t["output.weight"], y)                          # [T, V]
+        u, out = self.hc_sum(x, wts.contiguous()), self.t["output.weight"]
+        if self._writes_int8(t, u.shape[-1], out):
+            # The norm also writes the output projection's int8 form (no quantiser launch).
+            y, yq = glue_rms_norm(u, self.t["output_norm.weight"], c.norm_eps, quantize=True)
+            self._quantized[id(y)] = (y, yq)
+        else:
+            y = self.norm(u, self.t["output_norm.weight"])
+        return self.proj(out, y)                                              # [T, V]
 
     def block(self, x, tokens, positions, layer: Layer, s: CudaLayerState, state, chunk_t0, next_fn=None):
         """One layer; next_fn: the HC weight of the mix after it (the next layer's or the head's)."""
@@ -590,12 +599,12 @@ class ForwardModel:
         if early:
             index_wts = self.on_branch(self.compress_step, h, positions, layer, s)
         qa = self.proj_part(w["wq_a"], h)
-        if self._writes_int8(t, qa.shape[-1], w["wq_b"]):
-            qr, qq = glue_rms_norm(qa, w["q_norm"], c.norm_eps, quantize=True)    # q_b takes qq
-            self._quantized[id(qr)] = (qr, qq)
-        else:
-            qr = self.norm(qa, w["q_norm"])
         step = chunk_t0 is None and self.ops.glue
+        # Decode: q_b norms and rounds q_a's row itself (matvec_q8(norm=)), so no norm launch sits
+        # between the two projections; the indexer's query makes its own qr on its branch.
+        fold_q = step and Q_NORM_IN_QB and t == 1 and self.ops.q8_matvec is _q8_dense \
+            and self._int8_act(w["wq_b"]) and (early or layer.ratio == 0)
+        qr = None if fold_q else self.q_rows(qa, w)
         kv_in = self.proj_part(w["wkv"], h)
         # Decode: this token's KV row (norm, RoPE, rounding) is read only by the attention, so it
         # is made beside the query heads' projection; kv_in stays referenced until the join.
@@ -605,13 +614,15 @@ class ForwardModel:
         if early:
             comp = s.comp
             if layer.ratio == OVERLAP_RATIO:
-                q_index = self.on_branch(self.index_query, qr, positions, w, layer.omega, level=1)
+                q_index = (self.on_branch(self.index_query_from_qa, qa, positions, w, layer.omega, level=1) if fold_q
+                           else self.on_branch(self.index_query, qr, positions, w, layer.omega, level=1))
                 idx = self.on_branch(self.select_rows_step, q_index, index_wts, positions, s)
         elif step and layer.ratio > 0:
             # Decode: the compressors and the indexer run first (rows emitted at pos are visible
             # to pos), on the branch stream while the query heads are projected.
             comp, idx = self.on_branch(self.compressed_keys, h, qr, positions, layer, s, None, True)
-        q = self.norm_rope(self.proj(w["wq_b"], qr).view(t, n_heads, d), None, positions, layer.omega)
+        q = matvec_q8(w["wq_b"], None, norm=(qa, w["q_norm"], c.norm_eps)) if fold_q else self.proj(w["wq_b"], qr)
+        q = self.norm_rope(q.view(t, n_heads, d), None, positions, layer.omega)
         if step:
             self.join_branch()
             self.join_branch(level=4)
@@ -810,6 +821,19 @@ class ForwardModel:
                                 torch.relu(torch.einsum("thd,cd->thc", q[:, h0:h0 + n_blk], rows)))
             score = part if score is None else score + part
         return score
+
+    def q_rows(self, qa, w) -> torch.Tensor:
+        """qr = rms_norm(qa, q_norm) [T, q_lora], with its int8 form beside it (`quantized`) where
+        its products take one (q_b, the indexer's query)."""
+        if self._writes_int8(qa.shape[0], qa.shape[-1], w["wq_b"]):
+            qr, qq = glue_rms_norm(qa, w["q_norm"], self.config.norm_eps, quantize=True)
+            self._quantized[id(qr)] = (qr, qq)
+            return qr
+        return self.norm(qa, w["q_norm"])
+
+    def index_query_from_qa(self, qa, pos, w, omega) -> torch.Tensor:
+        """`index_query` from q_a's raw row (decode with Q_NORM_IN_QB: qr is made here)."""
+        return self.index_query(self.q_rows(qa, w), pos, w, omega)
 
     def index_query(self, qr, pos, w, omega) -> torch.Tensor:
         """Decode: the indexer's rounded query heads [H_I, d_I] from qr [1, q_lora]."""
