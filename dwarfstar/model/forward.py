@@ -184,6 +184,9 @@ EARLY_COMPRESSORS = True
 # Decode: q_b takes q_a's raw row and norms and rounds it per program (matvec_q8(norm=)) instead
 # of a norm launch between the two projections (A/B).
 Q_NORM_IN_QB = True
+# Decode: the attention sublayer's HC Sinkhorn branch (level 2) is joined with the attention's
+# branches rather than at hc_post (A/B).
+COMB_JOIN_AT_ATTENTION = True
 TWIN_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False)
 # Twins of the mat-vecs with the Triton glue (CPU interpreter checks of the glue wiring).
 TWIN_GLUE_OPS = Ops(matvec_ref, expert_matvec_ref, hc_split_ref, _experts_fp32(expert_matvec_ref), False, True)
@@ -626,6 +629,10 @@ class ForwardModel:
         if step:
             self.join_branch()
             self.join_branch(level=4)
+            if COMB_JOIN_AT_ATTENTION:
+                # The HC split's post + Sinkhorn too (long done by now): so the attention sublayer's
+                # hc_post has no cross-stream wait and keeps its programmatic (PDL) launch.
+                self.join_branch(level=2)
             # kernels/attend.py reads the ring, this token's row and the compressed rows in place
             # (no key concatenation, no mask tensors) and writes this token's ring slot.
             args = (q[0], s.raw, state.ring_pos, kv, positions, comp, idx, layer.ratio, w["attn_sink"])
