@@ -43,9 +43,7 @@ from dwarfstar.model.attention import _attend
 BLOCK_N = 16      # keys per program
 BLOCK_H = 16      # heads per program (tl.dot needs >= 16)
 BLOCK_D = 128     # head-dim chunk of the dots
-# Head-dim chunk of a combine program: 64 gives 512 programs at Flash's 64 x 512 (bench/decode_variants.py
-# on the H200: 2K step 5.062 -> 5.038 ms, 32K 5.676 -> 5.646 against 128; 256 was slower).
-COMBINE_D = 64
+COMBINE_D = 128   # head-dim chunk of a combine program
 NUM_WARPS = 4
 # (BLOCK_N, BLOCK_H, BLOCK_D) when the compressed rows come by index (the indexer's top-k on
 # ratio-4 layers). bench/attend_bench.py as graph replays on the H200 (docs/PERF.md): (16, 16, 128)
