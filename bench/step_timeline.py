@@ -1,12 +1,13 @@
-"""Where a captured decode step's time goes: the kernel timeline of graph replays, per stream.
+"""Where a captured decode step's time goes: the kernel timeline of graph replays.
 
 The per-kernel profile of cuda_decode_bench sums eager launches one after another; with the
-side streams of `ForwardModel.on_branch` that is far from the graph's critical path. This
-replays the captured step under torch.profiler (CUPTI records each kernel of a replayed graph
-with its stream and GPU start/end) and reports, for the busiest stream (the main one) of the
-median replay: the replay's span, the sum of its kernels' durations, the idle gaps between
-consecutive kernels (launch latency and waits on side streams), and the largest kernels and
-gaps by name; for the other streams their busy time. Raw events go to --json.
+side streams of `ForwardModel.on_branch` and programmatic dependent launch (a kernel starts
+before its predecessor ends and waits inside) neither sums nor stream busy times show the
+critical path. This replays the captured step under torch.profiler (CUPTI records each kernel
+of a replayed graph with its GPU start and end; a replay spreads its nodes over many internal
+streams) and, for the median replay, charges each kernel the time by which its end extends the
+timeline past every kernel that ended before it ("marginal" µs): summed over a kernel name, how
+much of the step that kernel keeps the GPU from being done. Raw events go to --json.
 
 Usage: PYTHONPATH=.:bench python3 bench/step_timeline.py [--layers 43] [--ctx 2048] [--json out.json]
 """
@@ -56,31 +57,21 @@ def split_replays(events: list[dict], replays: int) -> list[list[dict]]:
 
 
 def analyse(step: list[dict], top: int) -> dict:
+    """Span of one replay, the sum of kernel durations (PDL waits included), and per kernel name
+    the launches, summed duration and marginal time (module docstring), largest marginal first."""
     span = max(e["ts"] + e["dur"] for e in step) - step[0]["ts"]
-    by_stream = defaultdict(list)
-    for e in step:
-        by_stream[e["stream"]].append(e)
-    main = max(by_stream, key=lambda s: len(by_stream[s]))
-    ks = by_stream[main]
-    busy = sum(e["dur"] for e in ks)
-    kernel_time = defaultdict(lambda: [0, 0.0])
-    gap_time = defaultdict(lambda: [0, 0.0])
-    for prev, e in zip(ks, ks[1:]):
-        gap = e["ts"] - (prev["ts"] + prev["dur"])
-        key = f"{prev['name'][:40]} -> {e['name'][:40]}"
-        gap_time[key][0] += 1
-        gap_time[key][1] += gap
-    for e in ks:
-        kernel_time[e["name"][:60]][0] += 1
-        kernel_time[e["name"][:60]][1] += e["dur"]
-    others = {str(s): {"kernels": len(v), "busy_us": sum(e["dur"] for e in v)}
-              for s, v in by_stream.items() if s != main}
-    return {
-        "span_us": span, "main_stream": str(main), "main_kernels": len(ks), "main_busy_us": busy,
-        "main_gaps_us": span - busy, "other_streams": others,
-        "main_by_kernel": sorted(([k, n, t] for k, (n, t) in kernel_time.items()), key=lambda r: -r[2])[:top],
-        "main_gaps_by_pair": sorted(([k, n, t] for k, (n, t) in gap_time.items()), key=lambda r: -r[2])[:top],
-    }
+    per = defaultdict(lambda: [0, 0.0, 0.0])
+    last = step[0]["ts"]
+    for e in sorted(step, key=lambda e: e["ts"] + e["dur"]):
+        end = e["ts"] + e["dur"]
+        row = per[e["name"][:60]]
+        row[0] += 1
+        row[1] += e["dur"]
+        row[2] += max(0.0, end - last)
+        last = max(last, end)
+    rows = sorted(([k, n, d, m] for k, (n, d, m) in per.items()), key=lambda r: -r[3])
+    return {"span_us": span, "kernels": len(step), "duration_sum_us": sum(e["dur"] for e in step),
+            "by_kernel": rows[:top]}
 
 
 def main() -> None:
@@ -106,15 +97,11 @@ def main() -> None:
         median = sorted(range(len(steps)), key=lambda i: spans[i])[len(steps) // 2]
         a = analyse(steps[median], args.top)
         out[ctx] = {"analysis": a, "events": steps[median]}
-        print(f"\nctx {ctx}: replay span {a['span_us'] / 1e3:.3f} ms (replays {[round(s / 1e3, 3) for s in spans]}); "
-              f"main stream {a['main_kernels']} kernels busy {a['main_busy_us'] / 1e3:.3f} ms, "
-              f"idle {a['main_gaps_us'] / 1e3:.3f} ms; other streams {a['other_streams']}")
-        print("  main stream by kernel (launches, µs):")
-        for name, n, t in a["main_by_kernel"]:
-            print(f"    {t:8.1f}  x{n:<4} {name}")
-        print("  main stream idle gaps by (previous -> next) kernel (count, µs):")
-        for name, n, t in a["main_gaps_by_pair"]:
-            print(f"    {t:8.1f}  x{n:<4} {name}")
+        print(f"\nctx {ctx}: replay span {a['span_us'] / 1e3:.3f} ms (replays {[round(s / 1e3, 3) for s in spans]}), "
+              f"{a['kernels']} kernels, durations summed {a['duration_sum_us'] / 1e3:.3f} ms")
+        print("  marginal µs, launches, µs per launch, summed duration µs, kernel:")
+        for name, n, dur, marginal in a["by_kernel"]:
+            print(f"    {marginal:8.1f}  x{n:<4} {marginal / n:6.2f}  {dur:8.1f}  {name}")
         del session
         torch.cuda.empty_cache()
     if args.json:
