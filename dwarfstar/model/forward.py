@@ -202,6 +202,12 @@ TWIN_INT8_DENSE_OPS = dataclasses.replace(TWIN_INT8_OPS, q8_matvec=matvec_q8_ref
                                           q8_gemm=gemm_q8_ref)
 
 
+def _compressor(w: dict, prefix: str = "") -> tuple:
+    """A layer's compressor weights (kv, gate, ape, norm): the attention rows' one, or with
+    prefix "indexer_" the indexer's."""
+    return tuple(w[f"{prefix}compressor_{part}"] for part in ("wkv", "wgate", "ape", "norm"))
+
+
 def _grouped(p: Planar, groups: int) -> Planar:
     """[G*R, K] planar weight viewed as G stacked [R, K] matrices (expert axis = group)."""
     return type(p)(*(f.view(groups, f.shape[0] // groups, *f.shape[1:]) for f in
@@ -727,7 +733,7 @@ class ForwardModel:
             # Decode: the indexer's query heads (their mat-vec, RoPE and rounding) depend on qr
             # only, so they run beside the compressors, on a branch of this branch.
             q_index = self.on_branch(self.index_query, qr, positions, w, layer.omega, level=1)
-        comp = (w["compressor_wkv"], w["compressor_wgate"], w["compressor_ape"], w["compressor_norm"])
+        comp = _compressor(w)
         args = (h, positions, chunk_t0, s.comp_kv, s.comp_score, s.comp, comp, r, layer.omega, self.kv_rounding)
         if q_index is not None and ATTN_COMPRESSOR_BRANCH:
             # ... and the attention rows' compressor beside the indexer's. Both slice the merged
@@ -751,8 +757,7 @@ class ForwardModel:
             visible = torch.arange(n_c, device=h.device)[None, :] < ((positions + 1) // r)[:, None]   # [T, N_c]
         if r != OVERLAP_RATIO:
             return rows, visible
-        idx_w = (w["indexer_compressor_wkv"], w["indexer_compressor_wgate"], w["indexer_compressor_ape"],
-                 w["indexer_compressor_norm"])
+        idx_w = _compressor(w, "indexer_")
         self.compress(h, positions, chunk_t0, s.index_kv, s.index_score, s.index, idx_w, r, layer.omega,
                       lambda v: self.index_rounding(v, is_cached=True))
         if chunk_t0 is not None and n_c <= c.index_topk:
@@ -785,7 +790,7 @@ class ForwardModel:
         head weights (a view of the merged mat-vec, which it keeps alive) on ratio-4 layers, else
         None. `select_rows_step` then finishes the indexer on the same branch."""
         w, r = layer.w, layer.ratio
-        comp = (w["compressor_wkv"], w["compressor_wgate"], w["compressor_ape"], w["compressor_norm"])
+        comp = _compressor(w)
         args = (h, positions, None, s.comp_kv, s.comp_score, s.comp, comp, r, layer.omega, self.kv_rounding)
         if r != OVERLAP_RATIO:
             self.compress(*args, kv_rows=True)
@@ -796,8 +801,7 @@ class ForwardModel:
             self.on_branch(self.compress, *args, True, level=3)
         else:
             self.compress(*args, kv_rows=True)
-        idx_w = (w["indexer_compressor_wkv"], w["indexer_compressor_wgate"], w["indexer_compressor_ape"],
-                 w["indexer_compressor_norm"])
+        idx_w = _compressor(w, "indexer_")
         self.compress(h, positions, None, s.index_kv, s.index_score, s.index, idx_w, r, layer.omega,
                       lambda v: self.index_rounding(v, is_cached=True))
         return index_wts
