@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -202,6 +202,17 @@ TWIN_INT8_DENSE_OPS = dataclasses.replace(TWIN_INT8_OPS, q8_matvec=matvec_q8_ref
                                           q8_gemm=gemm_q8_ref)
 
 
+class HcPartials(NamedTuple):
+    """What decode's hc_post wrote beside its output y (the HC rows): per-program sums of squares
+    and Gram partials of y's streams, and with mix_fn (the next HC weight) that mix's split-K
+    partials (else None)."""
+    y: torch.Tensor
+    ss: torch.Tensor
+    gram: torch.Tensor
+    mix_fn: Planar | None
+    mix: torch.Tensor | None
+
+
 def _compressor(w: dict, prefix: str = "") -> tuple:
     """A layer's compressor weights (kv, gate, ape, norm): the attention rows' one, or with
     prefix "indexer_" the indexer's."""
@@ -255,20 +266,19 @@ class ForwardModel:
         self._part_of: dict[int, tuple[Planar, int, int]] = {}
         self._last_merged: tuple | None = None
         # Decode runs independent branches of a sublayer on side streams (`on_branch`): level 0
-        # forks from the main stream (compressors + indexer, shared expert), level 1 from a
-        # level-0 branch (the indexer's query), level 2 from the main stream (the HC split's
-        # post and Sinkhorn matrix, joined at hc_post), level 3 from a level-0 branch (the
-        # attention rows' compressor beside the indexer's), level 4 from the main stream (this
-        # token's KV row beside the query heads); none off CUDA.
+        # (compressors + indexer, shared expert), 1 (the indexer's query; from a level-0 branch
+        # when the compressors fork after q_a), 2 (the HC split's post and Sinkhorn matrix, joined
+        # with the attention's branches or at hc_post), 3 (the attention rows' compressor beside
+        # the indexer's, from level 0) and 4 (this token's KV row beside the query heads) fork
+        # from the main stream unless said; none off CUDA.
         n_levels = 5 if self.device.type == "cuda" else 0
         self._branches = [torch.cuda.Stream(self.device) for _ in range(n_levels)]
         self._forked = [False] * n_levels
         # id(x) -> (x, its int8 form) written by x's producer kernel (hc_split_norm, the glue
         # RMS norm and SwiGLU) for x's int8-activation products; emptied per block.
         self._quantized: dict[int, tuple] = {}
-        # (x, partial sums of squares of its HC rows, their Gram partials) from the last hc_post
-        # (Ops.hc_gram).
-        self._hc_partials: tuple | None = None
+        # What the last decode hc_post wrote beside its output (Ops.hc_gram; HcPartials).
+        self._hc_partials: HcPartials | None = None
         # Inputs of the HC split's post + Sinkhorn launch on branch level 2, held until hc_post joins it.
         self._hc_comb_inputs: tuple | None = None
         for i in range(config.n_layers):
@@ -311,7 +321,7 @@ class ForwardModel:
     # ---- primitives -------------------------------------------------------------------
     def on_branch(self, fn: Callable, *args, level: int = 0):
         """fn(*args) on the branch stream of `level`, after all work queued so far on the
-        current stream (the main one for levels 0, 2 and 4, a level-0 branch for levels 1 and 3);
+        current stream (the forking stream; __init__ lists which one each level forks from);
         `join_branch(level)` on that current stream before its result is used. Decode's small
         kernels leave most of the GPU idle one at a time: the shared expert next to the routed
         ones, the compressors + indexer next to the query heads (within that the indexer's query
@@ -487,8 +497,8 @@ class ForwardModel:
         rows, K = n D: one program per row block starves the GPU), which hc_split /
         hc_head_split sum; else the [T, M] product."""
         last = self._hc_partials
-        if last is not None and last[0] is x and last[3] is fn:
-            return last[4]
+        if last is not None and last.y is x and last.mix_fn is fn:
+            return last.mix
         rows = x.reshape(x.shape[0], -1)
         if self.ops.matvec is matvec:
             return matvec_split_k(fn, rows)
@@ -505,14 +515,14 @@ class ForwardModel:
             # so only where that mat-vec is the one in use.
             fuse = HC_MIX_IN_POST and isinstance(next_fn, PlanarF16) and self.ops.matvec is matvec
             out = hc_post(f, x, post, m, f_add, sumsq=True, gram=True, mix_fn=next_fn if fuse else None)
-            self._hc_partials = (*out[:3], next_fn if fuse else None, out[3] if fuse else None)
+            self._hc_partials = HcPartials(*out[:3], next_fn if fuse else None, out[3] if fuse else None)
             return out[0]
         return (hc_post if self.ops.glue else hc_post_ref)(f, x, post, m, f_add)
 
     def _row_partials(self, x):
         """(sums of squares, Gram partials) hc_post wrote for these HC rows, or Nones."""
         last = self._hc_partials
-        return last[1:3] if last is not None and last[0] is x else (None, None)
+        return (last.ss, last.gram) if last is not None and last.y is x else (None, None)
 
     def hc_sum(self, x, weights):
         """sum_i weights[t, i] x[t, i]: [T, n, D] -> [T, D]."""
@@ -765,7 +775,7 @@ class ForwardModel:
         if q_index is not None:
             self.join_branch(level=1)
             self.join_branch(level=3)
-            score = self.index_scores_step(q_index, h, positions, s.index, w)
+            score = self.index_scores_step(q_index, self.proj_part(w["indexer_weights_proj"], h), positions, s.index)
         else:
             score = self.index_scores(qr, h, positions, s.index[:n_c], w, layer.omega)
             score = score.masked_fill(~visible, float("-inf"))
@@ -813,8 +823,7 @@ class ForwardModel:
         c = self.config
         self.join_branch(level=1)
         self.join_branch(level=3)
-        score = index_scores_kernel(q_index, index_wts.view(c.index_n_heads).contiguous(), s.index, pos,
-                                    OVERLAP_RATIO, math.sqrt(c.index_head_dim * c.index_n_heads))
+        score = self.index_scores_step(q_index, index_wts, pos, s.index)
         return select_topk(score, min(c.index_topk, s.comp.shape[0]))[0]
 
     def index_scores(self, qr, h, positions, rows, w, omega) -> torch.Tensor:
@@ -852,11 +861,10 @@ class ForwardModel:
         q = self.proj(w["indexer_wq_b"], qr).view(1, c.index_n_heads, c.index_head_dim)
         return self.index_rounding(self.rope(q, pos, omega), is_cached=False).view(c.index_n_heads, -1)
 
-    def index_scores_step(self, q, h, pos, rows, w) -> torch.Tensor:
+    def index_scores_step(self, q, wts, pos, rows) -> torch.Tensor:
         """Decode, kernels/rounding.py: scores [1, cap] of all rows, -inf past the visible ones,
-        for the query heads `index_query` made."""
+        for the query heads `index_query` made and the head weights wts [1, H_I]."""
         c = self.config
-        wts = self.proj_part(w["indexer_weights_proj"], h)
         return index_scores_kernel(q, wts.view(c.index_n_heads).contiguous(), rows, pos, OVERLAP_RATIO,
                                    math.sqrt(c.index_head_dim * c.index_n_heads))
 
