@@ -8,8 +8,9 @@ each setting's largest relative error against the float64 twin, so a faster prec
 what it costs in accuracy (the GPU tests hold the kernel to 1e-5). `--blocks BN BH BD WARPS`
 times that one tiling instead of the sweep (e.g. production's, per precision, in seconds).
 `--qk-split 1 2 4` sweeps attend.QK_SPLIT (the QK dot's head-dim chunks as a batched dot).
+`--fp16-keys` rounds the keys through fp16 and runs the kernel's two-product form (attend.EXACT_KEYS).
 Usage: PYTHONPATH=.:bench python3 bench/attend_bench.py [--precision ieee tf32x3] [--blocks 16 16 128 4]
-       [--qk-split 1 4]
+       [--qk-split 1 4] [--fp16-keys]
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def max_rel_error(cases: dict) -> float:
     worst = 0.0
     for c in cases.values():
         want = attend.attend_decode_ref(**{k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point()
-                                           else v for k, v in dict(c, raw=c["raw"].clone()).items()})
+                                           else v for k, v in dict(c, raw=c["raw"].clone()).items()
+                                           if k != "keys_fp16"})
         got = attend.attend_decode(**dict(c, raw=c["raw"].clone()))
         worst = max(worst, ((got.double() - want).norm() / want.norm()).item())
     return worst
@@ -66,16 +68,22 @@ def main() -> None:
                    help="QK head-dim chunks as a batched dot (attend.QK_SPLIT) to sweep")
     p.add_argument("--blocks", type=int, nargs=4, default=None, metavar=("BN", "BH", "BD", "WARPS"),
                    help="one tiling instead of the sweep")
+    p.add_argument("--fp16-keys", action="store_true",
+                   help="keys rounded through fp16 and attend_decode(keys_fp16=True), as decode runs them")
     args = p.parse_args()
     tilings = [tuple(args.blocks)] if args.blocks else list(itertools.product((16, 32), (16, 32), (128, D), (4, 8)))
     gen = torch.Generator().manual_seed(0)
     cases = {"r0": case(2048, 0, 0, None, gen), "r4 k512 @2K": case(2048, 4, 512, 512, gen),
              "r4 k512 @32K": case(32768, 4, 8192, 512, gen), "r128 @2K": case(2048, 128, 16, None, gen),
              "r128 @32K": case(32768, 128, 256, None, gen)}
+    if args.fp16_keys:
+        for c in cases.values():
+            c.update({k: c[k].half().float() for k in ("raw", "kv", "comp") if c[k] is not None}, keys_fp16=True)
     # Production mix per step: 2 ratio-0 layers, 21 ratio-4, 20 ratio-128.
     weights = {"r0": 2, "r4 k512 @2K": 21, "r128 @2K": 20}
+    twin_cases = {n: {k: v for k, v in c.items() if k != "keys_fp16"} for n, c in cases.items()}
     print("twin:", {n: round(triton.testing.do_bench(lambda c=c: attend.attend_decode_ref(**c)) * 1e3, 1)
-                    for n, c in cases.items()})
+                    for n, c in twin_cases.items()})
     best = None
     for dot, split, (bn, bh, bd, nw) in itertools.product(args.precision, args.qk_split, tilings):
         attend.BLOCK_N, attend.BLOCK_H, attend.BLOCK_D, attend.NUM_WARPS = bn, bh, bd, nw

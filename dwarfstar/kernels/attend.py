@@ -15,6 +15,8 @@ Contract (graph-safe: device positions, grid fixed by the allocated W, M, H; no 
   the rows emitted so far (so the selection may hold invisible rows when fewer than k are
   visible, as the indexer's top-k over -inf scores does). logits = q.k / sqrt(D); one softmax
   over the visible keys plus a per-head sink logit that carries no value (model/attention._attend).
+  keys_fp16=True: the caller vouches that every key row holds fp16 numbers (decode's cache
+  rounding); the tf32x3 products then take two tensor-core passes, not three (EXACT_KEYS).
 - Side effect, the ring write of this token: raw[pos % W] = kv. That slot holds position
   pos - W or nothing, never a visible key; the kernel also masks it out explicitly, so no
   program reads the slot that program (0, 0) writes.
@@ -61,6 +63,28 @@ DOT_PRECISION = "tf32x3"
 # per warp. bench/attend_bench.py (H200, tf32x3, 16 x 16 x 128, 4 warps), weighted 2K step:
 # split 1 612 µs, 4 536 µs, 8 542 µs; 8 warps were slower at every split (696-944 µs).
 QK_SPLIT = 4
+# Keys rounded through fp16 (the official numerics' cache rounding) are tf32 numbers: tf32x3's
+# three products of the split operands then have one that is exactly zero (the keys' low part),
+# so the kernel takes two (`_dot_exact_b`), and splits only q and p (A/B in bench/decode_variants.py).
+EXACT_KEYS = True
+
+
+@triton.jit
+def _tf32_hi(a):
+    """a rounded to tf32 (10 mantissa bits, to nearest, ties away: cvt.rna.tf32.f32) for finite a."""
+    return ((a.to(tl.int32, bitcast=True) + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot_exact_b(a, b, acc, DOT: tl.constexpr, B_TF32: tl.constexpr):
+    """acc + a @ b; B_TF32 (b's elements are tf32 numbers) with DOT tf32x3: as tf32x3 with b's low
+    part zero, dot(hi(a), b, dot(hi(a - hi(a)), b, 0)) + acc in tf32, the order of Triton's split."""
+    if B_TF32 and DOT == "tf32x3":
+        a_hi = _tf32_hi(a)
+        small = tl.dot(_tf32_hi(a - a_hi), b, tl.zeros_like(acc), input_precision="tf32")
+        return acc + tl.dot(a_hi, b, small, input_precision="tf32")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT)
 
 
 def attend_decode_ref(q, raw, ring_pos, kv, pos, comp, comp_idx, ratio, sinks) -> torch.Tensor:
@@ -92,7 +116,8 @@ def _attend_partial_kernel(q_ptr, raw_ptr, ring_pos_ptr, kv_ptr, pos_ptr, comp_p
                            m_ptr, l_ptr, o_ptr, ratio, H, W, M, sqrt_d, D: tl.constexpr,
                            HAS_COMP: tl.constexpr, HAS_IDX: tl.constexpr,
                            BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                           DOT: tl.constexpr, QK_SPLIT: tl.constexpr = 1, PDL: tl.constexpr = False):
+                           DOT: tl.constexpr, QK_SPLIT: tl.constexpr = 1, KEYS_TF32: tl.constexpr = False,
+                           PDL: tl.constexpr = False):
     wait_for_inputs(PDL)
     b = tl.program_id(0)
     g = tl.program_id(1)
@@ -129,7 +154,7 @@ def _attend_partial_kernel(q_ptr, raw_ptr, ring_pos_ptr, kv_ptr, pos_ptr, comp_p
             dd = d0 + tl.arange(0, BLOCK_D)
             qt = tl.load(q_ptr + heads[:, None] * D + dd[None, :], mask=h_ok[:, None], other=0.0)
             kt = tl.load(key[:, None] + dd[None, :], mask=exists[:, None], other=0.0)
-            acc = tl.dot(qt, tl.trans(kt), acc, input_precision=DOT)
+            acc = _dot_exact_b(qt, tl.trans(kt), acc, DOT, KEYS_TF32)
     else:
         # The head dim as QK_SPLIT chunks on the batch axis of a 3D dot: one accumulator per
         # chunk (its own warp), so the tensor-core products form QK_SPLIT short chains instead
@@ -140,7 +165,7 @@ def _attend_partial_kernel(q_ptr, raw_ptr, ring_pos_ptr, kv_ptr, pos_ptr, comp_p
             dd = d0 + tl.arange(0, QK_SPLIT)[:, None] * DC + tl.arange(0, DC)[None, :]       # [S, DC]
             qt = tl.load(q_ptr + heads[None, :, None] * D + dd[:, None, :], mask=h_ok[None, :, None], other=0.0)
             kt = tl.load(key[None, :, None] + dd[:, None, :], mask=exists[None, :, None], other=0.0)
-            acc3 = tl.dot(qt, tl.permute(kt, (0, 2, 1)), acc3, input_precision=DOT)
+            acc3 = _dot_exact_b(qt, tl.permute(kt, (0, 2, 1)), acc3, DOT, KEYS_TF32)
         acc = tl.sum(acc3, axis=0)
     logits = tl.where(seen[None, :], tl.div_rn(acc, sqrt_d), float("-inf"))
     m = tl.max(logits, axis=1)                                                  # [BLOCK_H]
@@ -151,7 +176,7 @@ def _attend_partial_kernel(q_ptr, raw_ptr, ring_pos_ptr, kv_ptr, pos_ptr, comp_p
     for d0 in tl.static_range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         kt = tl.load(key[:, None] + dd[None, :], mask=seen[:, None], other=0.0)
-        o = tl.dot(p, kt, input_precision=DOT)                                   # [BLOCK_H, BLOCK_D]
+        o = _dot_exact_b(p, kt, tl.zeros([BLOCK_H, BLOCK_D], tl.float32), DOT, KEYS_TF32)   # [BLOCK_H, BLOCK_D]
         tl.store(o_ptr + (b * H + heads)[:, None] * D + dd[None, :], o, mask=h_ok[:, None])
     # The ring write. Other programs' QK may load slot `slot` meanwhile, but its logit is -inf
     # (`seen_raw` excludes it) and PV does not load it.
@@ -198,10 +223,12 @@ def _attend_combine_kernel(m_ptr, l_ptr, o_ptr, sinks_ptr, out_ptr, H, D, NB,
         store_int8_act(y, qw_ptr + e0 // 4, qs_ptr + e0 // 32, qq_ptr + e0 // 16, BLOCK_D // 32, USE_ASM)
 
 
-def attend_decode(q, raw, ring_pos, kv, pos, comp, comp_idx, ratio, sinks, inv_rope=None, quantize=False):
+def attend_decode(q, raw, ring_pos, kv, pos, comp, comp_idx, ratio, sinks, inv_rope=None, quantize=False,
+                  keys_fp16=False):
     """o [H, D] (module contract). inv_rope = (cos, sin) tables of glue.rope_table: the combine
     also applies the inverse RoPE to o's last dims (glue.rope(o, pos, cos, sin, inverse=True)).
-    quantize: also o's int8 form, quantize_act(o.view(G, -1)) for any G | H, as (o, oq)."""
+    quantize: also o's int8 form, quantize_act(o.view(G, -1)) for any G | H, as (o, oq).
+    keys_fp16: see the module contract."""
     n_heads, d = q.shape
     w = raw.shape[0]
     for name, t in (("q", q), ("raw", raw), ("kv", kv), ("sinks", sinks), ("comp", comp)):
@@ -229,7 +256,8 @@ def attend_decode(q, raw, ring_pos, kv, pos, comp, comp_idx, ratio, sinks, inv_r
         q, raw, ring_pos, kv, pos, comp if has_comp else raw, comp_idx if has_idx else ring_pos,
         m, l, part, max(ratio, 1), n_heads, w, n_rows, math.sqrt(d), D=d,
         HAS_COMP=has_comp, HAS_IDX=has_idx, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT=DOT_PRECISION, QK_SPLIT=QK_SPLIT, **pdl.launch(grid), num_warps=NUM_WARPS)
+        DOT=DOT_PRECISION, QK_SPLIT=QK_SPLIT, KEYS_TF32=keys_fp16 and EXACT_KEYS, **pdl.launch(grid),
+        num_warps=NUM_WARPS)
     combine_d = min(COMBINE_D, d)
     n_pairs = 1
     if inv_rope is not None:

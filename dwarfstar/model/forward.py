@@ -652,11 +652,13 @@ class ForwardModel:
             # kernels/attend.py reads the ring, this token's row and the compressed rows in place
             # (no key concatenation, no mask tensors) and writes this token's ring slot.
             args = (q[0], s.raw, state.ring_pos, kv, positions, comp, idx, layer.ratio, w["attn_sink"])
+            # Every key row went through kv_rounding: fp16 numbers under the cache's half rounding.
+            fp16 = self.numerics.half_cache
             if self._writes_int8(t, c.n_heads * d // c.o_groups, w["wo_a_grouped"]):
                 # The combine also applies the inverse RoPE and writes out-a's int8 form.
-                o, oq = attend_decode(*args, inv_rope=self._rope_tables[id(layer.omega)], quantize=True)
+                o, oq = attend_decode(*args, inv_rope=self._rope_tables[id(layer.omega)], quantize=True, keys_fp16=fp16)
                 return self.out_proj(o[None].reshape(t, c.o_groups, -1), w, oq)
-            o = self.rope(attend_decode(*args)[None], positions, layer.omega, inverse=True)   # [1, H, Dh]
+            o = self.rope(attend_decode(*args, keys_fp16=fp16)[None], positions, layer.omega, inverse=True)
             return self.out_proj(o.reshape(t, c.o_groups, -1), w)
         if chunk_t0 is not None:
             return self.attention_chunk(h, qr, q, kv, positions, layer, s, state, chunk_t0)

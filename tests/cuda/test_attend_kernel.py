@@ -21,25 +21,30 @@ def _ring(pos: int, w: int) -> torch.Tensor:
     return ring
 
 
-def _case(h, d, w, pos, n, idx, ratio, seed):
+def _case(h, d, w, pos, n, idx, ratio, seed, keys_fp16=False):
+    """keys_fp16: every key row rounded through fp16 (as the cache's half rounding leaves them) and
+    attend_decode told so (its two-product path, attend.EXACT_KEYS)."""
     g = torch.Generator().manual_seed(seed)
     ring = _ring(pos, w)
-    raw = torch.randn(w, d, generator=g)
+    keys = (lambda a: a.half().float()) if keys_fp16 else (lambda a: a)
+    raw = keys(torch.randn(w, d, generator=g))
     raw[ring < 0] = 0.0
-    t = dict(q=torch.randn(h, d, generator=g) * 2, raw=raw, ring_pos=ring, kv=torch.randn(1, d, generator=g),
-             pos=torch.tensor([pos]), comp=torch.randn(n, d, generator=g) if n else None,
+    t = dict(q=torch.randn(h, d, generator=g) * 2, raw=raw, ring_pos=ring, kv=keys(torch.randn(1, d, generator=g)),
+             pos=torch.tensor([pos]), comp=keys(torch.randn(n, d, generator=g)) if n else None,
              comp_idx=None if idx is None else torch.tensor(idx, dtype=torch.int64),
              ratio=ratio, sinks=torch.randn(h, generator=g))
-    return {k: v.to(DEV) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+    case = {k: v.to(DEV) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+    return dict(case, keys_fp16=True) if keys_fp16 else case
 
 
 def _check(case, bound):
     raw_before = case["raw"].clone()
+    ref_case = {k: v for k, v in case.items() if k != "keys_fp16"}
     want_case = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-                 for k, v in case.items()}
+                 for k, v in ref_case.items()}
     want_case["raw"] = raw_before.double()
     want = attend_decode_ref(**want_case)
-    twin_case = dict(case, raw=raw_before.clone())
+    twin_case = dict(ref_case, raw=raw_before.clone())
     twin = attend_decode_ref(**twin_case)
     got = attend_decode(**case)
     assert got.dtype == torch.float32 and got.shape == want.shape
@@ -70,22 +75,24 @@ CASES = {
 QK_SPLITS = [1, 4, 8]
 
 
+@pytest.mark.parametrize("keys_fp16", [False, True])
 @pytest.mark.parametrize("qk_split", QK_SPLITS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_attend_decode_matches_twin(name, qk_split, tol, monkeypatch):
+def test_attend_decode_matches_twin(name, qk_split, keys_fp16, tol, monkeypatch):
     monkeypatch.setattr(attend, "QK_SPLIT", qk_split)
     pos, n, idx, ratio = CASES[name]
-    _check(_case(4, 64, 8, pos, n, idx, ratio, seed=pos + n), tol("attend_decode"))
+    _check(_case(4, 64, 8, pos, n, idx, ratio, seed=pos + n, keys_fp16=keys_fp16), tol("attend_decode"))
 
 
+@pytest.mark.parametrize("keys_fp16", [False, True])
 @pytest.mark.parametrize("qk_split", QK_SPLITS)
 @pytest.mark.parametrize("name", ["wrapped_selected", "filling_selected_none_visible", "empty_block"])
-def test_invisible_keys_never_count(name, qk_split, monkeypatch):
+def test_invisible_keys_never_count(name, qk_split, keys_fp16, monkeypatch):
     """The key loads are not masked by visibility (kernels/attend.py _key_tile): NaN in every
     ring slot and compressed row the token may not see changes no bit of the output."""
     monkeypatch.setattr(attend, "QK_SPLIT", qk_split)
     pos, n, idx, ratio = CASES[name]
-    case = _case(4, 64, 8, pos, n, idx, ratio, seed=pos + n)
+    case = _case(4, 64, 8, pos, n, idx, ratio, seed=pos + n, keys_fp16=keys_fp16)
     want = attend_decode(**dict(case, raw=case["raw"].clone()))
     ring = case["ring_pos"]
     hidden = (ring < 0) | (ring <= pos - 8)
@@ -103,7 +110,8 @@ def test_invisible_keys_never_count(name, qk_split, monkeypatch):
                                            (128, 131072, 100000), (128, 32768, 61)])
 def test_attend_decode_flash_shapes(ratio, ctx, pos, qk_split, tol, monkeypatch):
     """Flash: H = 64, D = 512, W = 128; ratio 4 attends the indexer's top 512 of cap rows,
-    ratio 128 all cap rows (cap = ctx / r + 2)."""
+    ratio 128 all cap rows (cap = ctx / r + 2). With fp16 keys also the two-product form (what
+    decode runs under the official numerics) against the three-product one on the same keys."""
     monkeypatch.setattr(attend, "QK_SPLIT", qk_split)
     cap = ctx // ratio + 2 if ratio else 0
     idx = None
@@ -111,6 +119,13 @@ def test_attend_decode_flash_shapes(ratio, ctx, pos, qk_split, tol, monkeypatch)
         g = torch.Generator().manual_seed(pos)
         idx = torch.randperm(cap, generator=g)[:512].tolist()
     _check(_case(64, 512, 128, pos, cap, idx, ratio, seed=ratio + pos), tol("attend_decode"))
+    case = _case(64, 512, 128, pos, cap, idx, ratio, seed=ratio + pos, keys_fp16=True)
+    three = attend_decode(**dict(case, raw=case["raw"].clone(), keys_fp16=False))
+    _check(case, tol("attend_decode"))
+    two = attend_decode(**dict(case, raw=case["raw"].clone()))
+    # The same products up to the order of two fp32 additions per tile (Triton's split adds the
+    # accumulator last, or first in older versions): within a few ulp of the output's scale.
+    assert (two - three).abs().max().item() <= 1e-6 * three.abs().max().item()
 
 
 @pytest.mark.parametrize("d,n_pairs", [(128, 16), (64, 32)])

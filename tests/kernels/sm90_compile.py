@@ -103,12 +103,14 @@ def cases():
             m_ptr=F32, l_ptr=F32, o_ptr=F32, sinks_ptr=F32, out_ptr=F32, H="i32", D="i32", NB="i32", pos_ptr=I64,
             cos_ptr=F32, sin_ptr=F32, qw_ptr=I32, qs_ptr=F32, qq_ptr=I32), dict(
             NB_P2=64, BLOCK_D=attend.COMBINE_D, NP=32, ROPE=quant, QUANT=quant, USE_ASM=True)
-    for dot, split in (("ieee", 1), ("tf32x3", 1), ("tf32x3", 2), ("tf32x3", 4)):
-        yield f"attend partial, gathered rows, {dot}, QK split {split}", attend._attend_partial_kernel, dict(
+    for dot, split, exact in (("ieee", 1, False), ("tf32x3", 1, False), ("tf32x3", 2, False), ("tf32x3", 4, False),
+                              ("tf32x3", 4, True)):
+        yield f"attend partial, gathered rows, {dot}, QK split {split}, fp16 keys {exact}", \
+            attend._attend_partial_kernel, dict(
             q_ptr=F32, raw_ptr=F32, ring_pos_ptr=I64, kv_ptr=F32, pos_ptr=I64, comp_ptr=F32, idx_ptr=I64, m_ptr=F32,
             l_ptr=F32, o_ptr=F32, ratio="i32", H="i32", W="i32", M="i32", sqrt_d="fp32"), dict(
             D=512, HAS_COMP=True, HAS_IDX=True, BLOCK_N=attend.GATHERED_BLOCKS[0], BLOCK_H=attend.GATHERED_BLOCKS[1],
-            BLOCK_D=attend.GATHERED_BLOCKS[2], DOT=dot, QK_SPLIT=split)
+            BLOCK_D=attend.GATHERED_BLOCKS[2], DOT=dot, QK_SPLIT=split, KEYS_TF32=exact)
     yield "quantize_act", moe._quantize_act_kernel, dict(a_ptr=F32, words_ptr=I32, scale_ptr=F32, qsum_ptr=I32,
                                                          n="i32"), dict(USE_ASM=True)
 
