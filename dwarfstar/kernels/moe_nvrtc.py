@@ -43,17 +43,22 @@ warp waited out its row's DRAM latency alone (1.45 waves of short blocks). This 
 instructions per row (SASS, sm_90), 128 registers, no spills; at B = 1 / 2 / 4 W = 8 takes 15.7
 / 26.6 / 45.8 µs (W = 4 17.0 / 28.8 / 49.4, W = 16 17.4 / 27.6 / 49.6; the first design 20.1 /
 36.6 / 66.1); the whole 2K decode step 6.17 -> 6.01 ms (bench/decode_variants.py, at W = 4).
+PDL: the blocks write the table copies before `griddepcontrol.wait` and read every input after it,
+so the kernel is launched as a programmatic dependent (`_launch`, cuLaunchKernelEx) and fills its
+tables while the routing launch before it runs.
 `torch.cuda._compile_kernel` is private API (torch >= 2.11): compiled once per process and kernel.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import numpy as np
 import torch
 from gguf.quants import IQ2_XXS
 
+from dwarfstar.kernels import pdl
 from dwarfstar.kernels.repack import PlanarIQ2XXS
 
 # Warps per block (a template argument: any divisor of ROWS_RESIDENT_WARPS, read at each call)
@@ -62,6 +67,9 @@ ROWS_WARPS = 8
 # and the grid is sized for: ROWS_RESIDENT_WARPS / ROWS_WARPS blocks per SM. Each block's 48 KB of
 # table copies (+ 1 KB the driver reserves) keep up to 4 blocks within the 228 KB of an SM.
 ROWS_RESIDENT_WARPS = 16
+# Launch as a programmatic dependent where pdl.py would launch a Triton kernel so (decode_variants A/B): the
+# blocks fill their tables while the routing before them runs.
+PDL = True
 # The inputs of a row that one piece (64 inputs) per lane covers; P = ceil(D / this).
 _INPUTS_PER_WARP_PIECE = 32 * 64
 
@@ -238,6 +246,16 @@ __global__ void __launch_bounds__(32 * WARPS, ROWS_RESIDENT_WARPS / WARPS) iq2xx
     const int slot = blockIdx.y;
     const int n_warps = gridDim.x * WARPS;
     int row = blockIdx.x * WARPS + (threadIdx.x >> 5);
+    // Before the PDL wait only the constant tables are touched: ids and weights come from the launch just before
+    // this one, and the activations may too (a quantiser launch when their producer did not write them).
+    fill_copies<32 * WARPS, GRID_ENTRIES>(grid_rep, table);
+    fill_copies<32 * WARPS, SIGN_ENTRIES>(sign_rep, sign_masks);
+    // Launched as a programmatic dependent (pdl.py): wait until the launch before this one is complete and its
+    // writes are visible, then let the next one launch. Outside such a launch both return at once.
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
     const long long e = ids[slot];
     const long long tok = slot / K;
     const int kb = D >> 8;
@@ -247,8 +265,7 @@ __global__ void __launch_bounds__(32 * WARPS, ROWS_RESIDENT_WARPS / WARPS) iq2xx
     // super-block index of the next row to load, and the step to the warp's row after it
     long long sb = (e * F + row) * kb;
     const long long sb_step = (long long)n_warps * kb;
-    // The first row's loads go out before the activations and the tables so their latencies overlap,
-    // and the 48 KB of table copies are written while those loads are in flight.
+    // The first row's loads go out before the activations' so their latencies overlap.
     RowPieces<P> a, b;
     if (row < F) load_row<P>(a, gw4, uw4, gd, ud, sb, lane, n_pieces);
     sb += sb_step;
@@ -269,8 +286,6 @@ __global__ void __launch_bounds__(32 * WARPS, ROWS_RESIDENT_WARPS / WARPS) iq2xx
         }
     }
     const float wt = wts[slot];
-    fill_copies<32 * WARPS, GRID_ENTRIES>(grid_rep, table);
-    fill_copies<32 * WARPS, SIGN_ENTRIES>(sign_rep, sign_masks);
     __syncthreads();
     const char* grid = reinterpret_cast<const char*>(grid_rep);
     const char* signs = reinterpret_cast<const char*>(sign_rep);
@@ -306,6 +321,39 @@ def _kernel(name: str):
     return torch.cuda._compile_kernel(_SOURCE, name)
 
 
+# CUDA driver API: cuLaunchKernelEx's config and the one launch attribute set here.
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6     # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+class _LaunchAttribute(ctypes.Structure):
+    # CUlaunchAttribute: the id, padding to 8 bytes, a 64-byte value union (here an int flag).
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int), ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("n_attrs", ctypes.c_uint)]
+
+
+def _launch(kernel, grid: tuple, block: tuple, args: list) -> None:
+    """kernel(*args) on the current stream, as a programmatic dependent launch (pdl.py) where
+    pdl.launch allows one: torch's launcher (`_CudaKernel.__call__`) takes no launch attributes.
+    Arguments as it converts them: tensors by pointer, ints as C int, floats as C double."""
+    if not (PDL and pdl.launch(grid)["PDL"]):
+        kernel(grid=grid, block=block, args=args)
+        return
+    values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor)
+              else ctypes.c_int(a) if isinstance(a, int) else ctypes.c_double(a) for a in args]
+    params = (ctypes.c_void_p * len(values))(*(ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values))
+    attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+    config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), 0,
+                           ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), ctypes.pointer(attr), 1)
+    libcuda = torch.cuda._utils._get_gpu_runtime_library()
+    err = libcuda.cuLaunchKernelEx(ctypes.byref(config), kernel.func, params, None)
+    if err != 0:
+        raise RuntimeError(f"cuLaunchKernelEx failed with CUDA error {err}")
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -333,5 +381,5 @@ def gate_up(gate: PlanarIQ2XXS, up: PlanarIQ2XXS, words: torch.Tensor, scale: to
     blocks = min(blocks, (f + ROWS_WARPS - 1) // ROWS_WARPS)
     pieces = (d + _INPUTS_PER_WARP_PIECE - 1) // _INPUTS_PER_WARP_PIECE
     kernel = _kernel(f"iq2xxs_gate_up_rows<{pieces},{ROWS_WARPS}>")
-    kernel(grid=(blocks, n_tok * k, 1), block=(32 * ROWS_WARPS, 1, 1), args=args)
+    _launch(kernel, (blocks, n_tok * k, 1), (32 * ROWS_WARPS, 1, 1), args)
     return out

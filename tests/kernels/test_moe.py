@@ -212,6 +212,44 @@ def test_nvrtc_gate_up_equals_triton(warps, case, gen, monkeypatch):
     assert ((got - want).norm() / want.norm()).item() < 1e-5
 
 
+@pytest.mark.gpu
+def test_nvrtc_gate_up_reads_routing_of_the_launch_before(gen):
+    """Decode's order in a CUDA graph: the routing kernel writes ids and weights, and the CUDA C gate/up
+    launched right after it (a programmatic dependent where PDL is on: it fills its tables before
+    `griddepcontrol.wait`) must read this replay's routing, never the last one's. Five replays with new
+    router logits each (new ids), each against the same launches run eagerly one at a time."""
+    from dwarfstar.kernels.route import route
+
+    n_exp, f, d, k = 256, 2048, 4096, 6
+    _, gate = experts(T.IQ2_XXS, (n_exp, f, d), gen)
+    _, up = experts(T.IQ2_XXS, (n_exp, f, d), gen)
+    x = torch.randn(1, d, generator=gen, device="cuda") * 0.3
+    xq = quantize_act(x)
+    logits = torch.randn(1, n_exp, generator=gen, device="cuda")
+    token = torch.zeros(1, dtype=torch.int64, device="cuda")
+    bias = torch.zeros(n_exp, device="cuda")
+    out = torch.empty(1, k, f, device="cuda")
+
+    def step():
+        ids, wts = route(logits, token, bias, None, k, True, 1.0)
+        return ids, moe_gate_up(gate, up, x, ids, wts, LIMIT, out=out, xq=xq)
+
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ids_g, _ = step()
+    for _ in range(5):
+        logits.copy_(torch.randn(1, n_exp, generator=gen, device="cuda") * 4)
+        graph.replay()
+        torch.cuda.synchronize()
+        got = out.clone()
+        want_ids, want = step()
+        torch.cuda.synchronize()
+        assert torch.equal(ids_g, want_ids)
+        assert torch.equal(got, want)
+
+
 def test_iq2xxs_sign_masks_and_octet_math():
     """The CUDA C kernel's sign masks (moe_nvrtc.iq2xxs_sign_masks) and its octet math (octet_dot_rep) in
     numpy, for all 128 sign fields x 256 grid rows: mask byte i is 0xFF iff element i is negative (7
