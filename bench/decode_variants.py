@@ -50,6 +50,8 @@ VARIANTS = {
     "q8-short-8x1024": {"set": {"matvec_int8.TILING_SHORT_ROWS": (8, 1024, 4)}},
     "q8-long-4x2048w8": {"set": {"matvec_int8.TILING": (4, 2048, 8)}},
     "q8-slots-16x512": {"set": {"matvec_int8.TILING_SLOTS": (16, 512, 4)}},
+    "attend-three-products": {"set": {"attend.EXACT_KEYS": False}},
+    "nvrtc-no-pdl": {"set": {"moe_nvrtc.PDL": False}},
     "no-pdl": {"set": {"pdl.ENABLED": False}},
     "pdl-small": {"set": {"pdl.MAX_PROGRAMS": 264}},          # grids of at most two waves of 132 SMs
 }
