@@ -22,12 +22,12 @@ import torch
 from cuda_decode_bench import fill_state, flash_config, time_graph
 from dwarfstar.engine.cuda_engine import CudaEngine
 from dwarfstar.engine.engine import EngineOptions
-from dwarfstar.kernels import attend, hc, matvec_int8, moe_nvrtc, pdl, rounding
+from dwarfstar.kernels import attend, hc, matvec_int8, moe_nvrtc, pdl, rounding, topk
 from dwarfstar.model import forward
 
 FP32 = {"q8_matvec": None, "q8_expert_matvec": None, "q8_gemm": None}     # TRITON_OPS's mat-vecs
 MODULES = {"attend": attend, "forward": forward, "hc": hc, "matvec_int8": matvec_int8, "moe_nvrtc": moe_nvrtc,
-           "pdl": pdl, "rounding": rounding}
+           "pdl": pdl, "rounding": rounding, "topk": topk}
 VARIANTS = {
     "base": {},
     "fp32-dense": {"ops": FP32},
@@ -52,6 +52,7 @@ VARIANTS = {
     "q8-slots-16x512": {"set": {"matvec_int8.TILING_SLOTS": (16, 512, 4)}},
     "attend-three-products": {"set": {"attend.EXACT_KEYS": False}},
     "nvrtc-no-pdl": {"set": {"moe_nvrtc.PDL": False}},
+    "topk-no-short": {"set": {"topk.SHORT_EXCESS": -1}},
     "no-pdl": {"set": {"pdl.ENABLED": False}},
     "pdl-small": {"set": {"pdl.MAX_PROGRAMS": 264}},          # grids of at most two waves of 132 SMs
 }

@@ -14,7 +14,8 @@ The twin `select_topk_ref` is stable_topk sorted by index; the kernel equals it 
 How: each float maps to an order-preserving int32 key (the sign-magnitude bits, negatives
 with the magnitude bits flipped). The k-th largest key t is the largest value with
 count(key >= t) >= k, built one bit at a time from the top (32 counting passes over the row
-held in registers). Then every key > t is taken, plus the lowest-index keys == t up to k;
+held in registers); when at most k + SHORT_EXCESS keys lie above -inf's (short contexts, and
+the first rows past k), one reduction or a few find it instead. Then every key > t is taken, plus the lowest-index keys == t up to k;
 one scan over packed counts (greater << 16 | equal) gives each taken index its output
 slot. Rows longer than MAX_N (the row must fit one program's registers) go through the
 twin, whose result is the same.
@@ -33,6 +34,9 @@ from dwarfstar.kernels.rounding import stable_topk
 # Longest row held in one program's registers (16 warps x 64 keys); also keeps the packed
 # scan below (counts < 2**15 in the high half) free of overflow.
 MAX_N = 32768
+# Finite keys beyond k up to which the threshold is found by stepping over the least distinct
+# values (two reductions each) instead of the 32-pass bit search; -1: no short paths (A/B).
+SHORT_EXCESS = 16
 # Chunk of the emit pass (re-read from cache; holding the whole row through the scan spills).
 EMIT_BLOCK = 2048
 
@@ -51,15 +55,9 @@ def _order_key(v):
 
 
 @triton.jit
-def _select_topk_kernel(v_ptr, out_ptr, N, K, BLOCK: tl.constexpr, EMIT: tl.constexpr, PDL: tl.constexpr = False):
-    wait_for_inputs(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    v_row = v_ptr + row * N
-    offs = tl.arange(0, BLOCK)
-    m = offs < N
-    # Padding gets the lowest int32, below every real key (-inf maps above it), never taken.
-    key = tl.where(m, _order_key(tl.load(v_row + offs, mask=m, other=0.0)), -2147483648)
-    # Search the unsigned image u = t + 2**31 in int64: the largest u with count >= K.
+def _bit_search(key, K):
+    """The largest int32 t with count(key >= t) >= K, one bit at a time from the top: the
+    unsigned image u = t + 2**31 searched in int64."""
     u = tl.zeros([], dtype=tl.int64)
     bit = tl.full([], 1 << 31, tl.int64)
     for _ in range(32):
@@ -67,7 +65,39 @@ def _select_topk_kernel(v_ptr, out_ptr, N, K, BLOCK: tl.constexpr, EMIT: tl.cons
         n_ge = tl.sum((key >= (cand - (1 << 31)).to(tl.int32)).to(tl.int32), axis=0)
         u = tl.where(n_ge >= K, cand, u)
         bit = bit >> 1
-    t = (u - (1 << 31)).to(tl.int32)
+    return (u - (1 << 31)).to(tl.int32)
+
+
+@triton.jit
+def _select_topk_kernel(v_ptr, out_ptr, N, K, BLOCK: tl.constexpr, EMIT: tl.constexpr, SHORT: tl.constexpr,
+                        PDL: tl.constexpr = False):
+    wait_for_inputs(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    v_row = v_ptr + row * N
+    offs = tl.arange(0, BLOCK)
+    m = offs < N
+    # Padding gets the lowest int32, below every real key (-inf maps above it), never taken.
+    key = tl.where(m, _order_key(tl.load(v_row + offs, mask=m, other=0.0)), -2147483648)
+    # t: a key with count(key > t) <= K <= count(key >= t), which the emit below needs. Few keys
+    # above -inf (decode until the context holds more than K rows per index key: every row is
+    # attended) fix it in a reduction or a few: n_fin <= K -> the -inf key (all n_fin taken, the
+    # lowest-index -inf rows fill up); n_fin = K + e, e <= SHORT_EXCESS -> the key at ascending
+    # position e among those above -inf, found by stepping over the distinct least values.
+    # SHORT < 0: the bit search always.
+    neg = _order_key(tl.full([], float("-inf"), tl.float32))
+    n_fin = tl.sum((key > neg).to(tl.int32), axis=0)
+    if SHORT < 0:
+        t = _bit_search(key, K)
+    elif n_fin <= K:
+        t = neg
+    elif n_fin - K <= SHORT:
+        t = neg
+        skip = n_fin - K          # finite keys still below t's position
+        while skip >= 0:
+            t = tl.min(tl.where(key > t, key, 2147483647), axis=0)
+            skip -= tl.sum((key == t).to(tl.int32), axis=0)
+    else:
+        t = _bit_search(key, K)
     need = K - tl.sum((key > t).to(tl.int32), axis=0)
     # Emit in chunks: before = taken-so-far counts, greater in the high 16 bits, equal in the low.
     base = tl.zeros([], dtype=tl.int32)
@@ -96,6 +126,6 @@ def select_topk(values: torch.Tensor, k: int) -> torch.Tensor:
     out = torch.empty(n_rows, k, dtype=torch.int64, device=values.device)
     block = max(16, triton.next_power_of_2(n))
     grid = (n_rows,)
-    _select_topk_kernel[grid](values, out, n, k, BLOCK=block, EMIT=min(block, EMIT_BLOCK),
+    _select_topk_kernel[grid](values, out, n, k, BLOCK=block, EMIT=min(block, EMIT_BLOCK), SHORT=SHORT_EXCESS,
                               **pdl.launch(grid), num_warps=min(16, max(4, block // 1024)))
     return out

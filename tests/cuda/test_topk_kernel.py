@@ -5,6 +5,7 @@ The result must be exactly that set, in ascending index order."""
 import pytest
 import torch
 
+from dwarfstar.kernels import topk
 from dwarfstar.kernels.topk import select_topk, select_topk_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -25,6 +26,8 @@ def scores(n: int, pattern: str, seed: int) -> torch.Tensor:
         v = torch.round(v)
     elif pattern == "masked":                       # a visible prefix, -inf after it (decode)
         v[max(1, n // 5):] = INF
+    elif pattern == "k_plus_3":                     # 515 visible of 2K context's 514 + more rows
+        v[515:] = INF
     elif pattern == "few_finite":                   # fewer finite than k: -inf rows get picked
         v[:] = INF
         v[torch.randperm(n, generator=g)[:3]] = torch.tensor([0.5, -2.0, 0.5])
@@ -63,9 +66,29 @@ def test_select_topk_flash_capacity(pattern):
     assert torch.equal(select_topk(v[None].to(DEV), 512).cpu(), select_topk_ref(v[None], 512))
 
 
+@pytest.mark.parametrize("k", [40, 512])
+@pytest.mark.parametrize("excess", [-5, 0, 1, 3, 16, 17])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("short", [16, -1])
+def test_select_topk_few_more_finite_than_k(k, excess, ties, short, monkeypatch):
+    """Decode around the context where the compressed rows first outnumber k (2K tokens at ratio 4,
+    k = 512): k + excess visible scores, then -inf. The kernel's short paths (at most k finite,
+    or up to topk.SHORT_EXCESS more: 16) and the bit search past them (17, or short paths off)
+    all give the same set; with ties, equal values straddle the threshold."""
+    monkeypatch.setattr(topk, "SHORT_EXCESS", short)
+    n = k + 30
+    g = torch.Generator().manual_seed(k + excess)
+    v = torch.full((n,), INF)
+    v[:k + excess] = torch.randn(k + excess, generator=g) * 3
+    if ties:
+        v[:k + excess] = torch.round(v[:k + excess] * 2) / 2
+    got = select_topk(v[None].to(DEV), k).cpu()
+    assert got[0].tolist() == python_topk(v.tolist(), k)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k", [(32768, 512), (8192, 512), (512, 512), (2048, 100)])
-@pytest.mark.parametrize("pattern", ["random", "masked", "ties", "few_finite", "zeros"])
+@pytest.mark.parametrize("pattern", ["random", "masked", "ties", "few_finite", "zeros", "k_plus_3"])
 def test_select_topk_gpu_decode_shapes(n, k, pattern):
     v = scores(n, pattern, seed=n)[None].cuda()
     assert torch.equal(select_topk(v, k), select_topk_ref(v, k))
