@@ -67,8 +67,8 @@ ROWS_WARPS = 8
 # and the grid is sized for: ROWS_RESIDENT_WARPS / ROWS_WARPS blocks per SM. Each block's 48 KB of
 # table copies (+ 1 KB the driver reserves) keep up to 4 blocks within the 228 KB of an SM.
 ROWS_RESIDENT_WARPS = 16
-# Launch as a programmatic dependent where pdl.py would launch a Triton kernel so (decode_variants A/B): the
-# blocks fill their tables while the routing before them runs.
+# Launch the gate/up as a programmatic dependent wherever pdl.launch allows one (False: torch's plain
+# launch; the decode_variants A/B): its blocks fill their tables while the routing before them runs.
 PDL = True
 # The inputs of a row that one piece (64 inputs) per lane covers; P = ceil(D / this).
 _INPUTS_PER_WARP_PIECE = 32 * 64

@@ -15,8 +15,8 @@ How: each float maps to an order-preserving int32 key (the sign-magnitude bits, 
 with the magnitude bits flipped). The k-th largest key t is the largest value with
 count(key >= t) >= k, built one bit at a time from the top (32 counting passes over the row
 held in registers); when at most k + SHORT_EXCESS keys lie above -inf's (short contexts, and
-the first rows past k), one reduction or a few find it instead. Then every key > t is taken, plus the lowest-index keys == t up to k;
-one scan over packed counts (greater << 16 | equal) gives each taken index its output
+the first rows past k), one reduction or a few find it instead. Then every key > t is taken,
+plus the lowest-index keys == t up to k; one scan over packed counts (greater << 16 | equal) gives each taken index its output
 slot. Rows longer than MAX_N (the row must fit one program's registers) go through the
 twin, whose result is the same.
 """
@@ -84,20 +84,21 @@ def _select_topk_kernel(v_ptr, out_ptr, N, K, BLOCK: tl.constexpr, EMIT: tl.cons
     # lowest-index -inf rows fill up); n_fin = K + e, e <= SHORT_EXCESS -> the key at ascending
     # position e among those above -inf, found by stepping over the distinct least values.
     # SHORT < 0: the bit search always.
-    neg = _order_key(tl.full([], float("-inf"), tl.float32))
-    n_fin = tl.sum((key > neg).to(tl.int32), axis=0)
     if SHORT < 0:
         t = _bit_search(key, K)
-    elif n_fin <= K:
-        t = neg
-    elif n_fin - K <= SHORT:
-        t = neg
-        skip = n_fin - K          # finite keys still below t's position
-        while skip >= 0:
-            t = tl.min(tl.where(key > t, key, 2147483647), axis=0)
-            skip -= tl.sum((key == t).to(tl.int32), axis=0)
     else:
-        t = _bit_search(key, K)
+        neg = _order_key(tl.full([], float("-inf"), tl.float32))
+        n_fin = tl.sum((key > neg).to(tl.int32), axis=0)
+        if n_fin <= K:
+            t = neg
+        elif n_fin - K <= SHORT:
+            t = neg
+            skip = n_fin - K          # finite keys still below t's position
+            while skip >= 0:
+                t = tl.min(tl.where(key > t, key, 2147483647), axis=0)
+                skip -= tl.sum((key == t).to(tl.int32), axis=0)
+        else:
+            t = _bit_search(key, K)
     need = K - tl.sum((key > t).to(tl.int32), axis=0)
     # Emit in chunks: before = taken-so-far counts, greater in the high 16 bits, equal in the low.
     base = tl.zeros([], dtype=tl.int32)

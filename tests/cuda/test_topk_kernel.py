@@ -26,7 +26,7 @@ def scores(n: int, pattern: str, seed: int) -> torch.Tensor:
         v = torch.round(v)
     elif pattern == "masked":                       # a visible prefix, -inf after it (decode)
         v[max(1, n // 5):] = INF
-    elif pattern == "k_plus_3":                     # 515 visible of 2K context's 514 + more rows
+    elif pattern == "k_plus_3":                     # 515 visible, then -inf: just past k = 512
         v[515:] = INF
     elif pattern == "few_finite":                   # fewer finite than k: -inf rows get picked
         v[:] = INF
