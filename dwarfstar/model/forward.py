@@ -623,7 +623,7 @@ class ForwardModel:
         # between the two projections; the indexer's query makes its own qr on its branch.
         fold_q = step and Q_NORM_IN_QB and t == 1 and self.ops.q8_matvec is _q8_dense \
             and self._int8_act(w["wq_b"]) and (early or layer.ratio == 0)
-        qr = None if fold_q else self.q_rows(qa, w)
+        qr = None if fold_q else self.q_rows(qa, w, w["wq_b"])
         kv_in = self.proj_part(w["wkv"], h)
         # Decode: this token's KV row (norm, RoPE, rounding) is read only by the attention, so it
         # is made beside the query heads' projection; kv_in stays referenced until the join.
@@ -844,10 +844,10 @@ class ForwardModel:
             score = part if score is None else score + part
         return score
 
-    def q_rows(self, qa, w) -> torch.Tensor:
+    def q_rows(self, qa, w, consumer: Planar) -> torch.Tensor:
         """qr = rms_norm(qa, q_norm) [T, q_lora], with its int8 form beside it (`quantized`) where
-        its products take one (q_b, the indexer's query)."""
-        if self._writes_int8(qa.shape[0], qa.shape[-1], w["wq_b"]):
+        `consumer`, the product that reads it (q_b, or the indexer's query alone), takes one."""
+        if self._writes_int8(qa.shape[0], qa.shape[-1], consumer):
             qr, qq = glue_rms_norm(qa, w["q_norm"], self.config.norm_eps, quantize=True)
             self._quantized[id(qr)] = (qr, qq)
             return qr
@@ -855,7 +855,7 @@ class ForwardModel:
 
     def index_query_from_qa(self, qa, pos, w, omega) -> torch.Tensor:
         """`index_query` from q_a's raw row (decode with Q_NORM_IN_QB: qr is made here)."""
-        return self.index_query(self.q_rows(qa, w), pos, w, omega)
+        return self.index_query(self.q_rows(qa, w, w["indexer_wq_b"]), pos, w, omega)
 
     def index_query(self, qr, pos, w, omega) -> torch.Tensor:
         """Decode: the indexer's rounded query heads [H_I, d_I] from qr [1, q_lora]."""
